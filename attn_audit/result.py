@@ -1,0 +1,193 @@
+"""The audit result: a versioned, plain-JSON record that every later step reads.
+
+Capture and analysis produce an :class:`AuditResult`; reports, the gate and the runtime exports
+only ever see this object (or the ``audit.json`` it was saved to), so ``attn-audit --load`` can
+re-render and re-gate without torch or the model. This module imports only the standard library.
+
+Schema (``schema_version`` 1). Keys marked (opt) may be absent.
+
+``model``
+    ``name`` (str, as the user gave it), ``source`` ("alias" | "hub" | "local" | "gguf" | "object"),
+    ``family`` (config ``model_type``), ``num_layers``, ``num_heads`` (query heads),
+    ``num_kv_heads``, ``head_dim``, ``causal`` (bool), ``max_positions`` (int | null),
+    ``rope`` (bool), ``sliding_window`` (int | null), ``dtype`` (str), ``revision`` (str | null),
+    ``trust_remote_code`` (bool).
+``run``
+    ``seq_len`` (int, the primary length whose figures fill ``heads[].sparsity``), ``seq_lens``
+    (list[int], every length audited), ``num_sequences`` (per length), ``eps`` (list[float]),
+    ``eps_keys`` (list[str], the keys used in ``sparsity``, written as the user typed them),
+    ``min_keys``, ``rows`` ("all" | "sampled"), ``rows_per_sequence`` (int | null when all),
+    ``seed``, ``budgets`` (list[int]), ``sinks`` (int), ``window`` (int), ``batch_size``,
+    ``device``, ``sites`` (list[str] of captured sites, e.g. ["q_rot", "k_rot", "q", "k"]),
+    ``capture_point`` (str), ``reservoir_size`` (int), ``versions`` (dict name -> version),
+    ``dataset`` (dict: ``spec``, ``kind`` ("text" | "input_ids"), ``split``, ``text_column``,
+    ``documents``, ``tokens``, ``token_hash`` (sha256 of the audited token ids)),
+    ``elapsed_s``, ``tokens_per_s``, ``nonfinite_rows`` (int), ``created`` (ISO time).
+``heads``: one record per (layer, query head), ordered by (layer, head):
+    ``layer``, ``head``, ``kv_head`` (ints); ``sparsity`` keyed by eps key, each
+    ``{k_mean, k_median, k_p90, kfrac_mean, rows, ci: {k_mean: [lo, hi], kfrac_mean: [lo, hi]},
+    by_position: [{lo, hi, rows, k_mean, kfrac_mean}]}``; ``tail_mass`` keyed by budget (str)
+    -> mean tail mass; ``entropy_mean``, ``participation_mean``, ``sink_mass_mean``,
+    ``local_mass_mean``, ``bulk_mass_mean``; ``R`` ``{logit_range, qk_bound, max_q_norm,
+    max_k_norm, scale, ...}``; ``gaussianity`` ``{site: {verdict, skewness, excess_kurtosis,
+    anderson, ks_distance, ...}}`` keyed by site ("q", "k", and "q_pre_rope", "k_pre_rope"
+    where RoPE applies); (opt) ``theory``; (opt) ``by_length`` keyed by seq_len (str) with the
+    ``sparsity`` block of that length; (opt) ``scaling`` ``{C, C_ci, alpha, ...}``;
+    ``flags`` (list[str]); ``score`` (float) and ``rank`` (int, 1 = first to make sparse).
+``ranking``: list of ``{layer, head, kv_head, score, rank, reason}``, best first.
+(opt) ``plan``, ``verify``, ``theory_summary``, ``gate``, ``exports``: added by later steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attn_audit.errors import ResultFileError
+
+SCHEMA_VERSION = 1
+# Changelog:
+#   1 - first version (foundation).
+
+REQUIRED_TOP = ("schema_version", "model", "run", "heads", "ranking")
+
+
+def _clean(value: Any) -> Any:
+    """Recursively turn a value into strict JSON types (NaN/inf become None)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _clean(value.item())
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays
+        return _clean(value.tolist())
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+@dataclass
+class AuditResult:
+    """An audit as plain data. ``data`` follows the schema in this module's docstring."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    # -- accessors -------------------------------------------------------------------------
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data["model"]
+
+    @property
+    def run(self) -> dict[str, Any]:
+        return self.data["run"]
+
+    @property
+    def heads(self) -> list[dict[str, Any]]:
+        return self.data["heads"]
+
+    @property
+    def ranking(self) -> list[dict[str, Any]]:
+        return self.data["ranking"]
+
+    def head(self, layer: int, head: int) -> dict[str, Any]:
+        """The record of query head ``head`` in layer ``layer``."""
+        for rec in self.heads:
+            if rec["layer"] == layer and rec["head"] == head:
+                return rec
+        raise KeyError(f"no head L{layer}.H{head}")
+
+    @property
+    def primary_eps_key(self) -> str:
+        """The eps used for ranking and plans: 0.05 when audited, else the middle one."""
+        keys: list[str] = self.run["eps_keys"]
+        for key in keys:
+            if math.isclose(float(key), 0.05):
+                return key
+        return keys[len(keys) // 2]
+
+    @property
+    def rows_measured(self) -> int:
+        """Query rows counted in the aggregates, over all heads (0 means nothing was measured)."""
+        key = self.run["eps_keys"][0] if self.run.get("eps_keys") else None
+        if key is None:
+            return 0
+        return sum(int(h["sparsity"].get(key, {}).get("rows", 0) or 0) for h in self.heads)
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy in strict JSON types."""
+        out: dict[str, Any] = _clean(self.data)
+        out["schema_version"] = SCHEMA_VERSION
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False, allow_nan=False) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result atomically to ``path`` (a file, usually ``<out>/audit.json``)."""
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> AuditResult:
+        """Validate the top-level shape and schema version, then wrap ``data``."""
+        if not isinstance(data, dict):
+            raise ResultFileError(f"{source} is not an attn-audit result (top level is not an object)")
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise ResultFileError(f"{source} has no integer schema_version; is it an audit.json?")
+        if version > SCHEMA_VERSION:
+            raise ResultFileError(
+                f"{source} has schema_version {version}, newer than this attn-audit understands "
+                f"({SCHEMA_VERSION}); upgrade attn-audit to read it"
+            )
+        missing = [k for k in REQUIRED_TOP if k not in data]
+        if missing:
+            raise ResultFileError(f"{source} lacks required field(s) {', '.join(missing)}")
+        return cls(data=data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AuditResult:
+        """Read an ``audit.json``; raises :class:`ResultFileError` with a one-line reason."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ResultFileError(f"{p} does not exist; pass the audit.json an earlier run wrote") from None
+        except OSError as exc:
+            raise ResultFileError(f"cannot read {p}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ResultFileError(
+                f"{p} is not valid JSON (line {exc.lineno}); it may be truncated or corrupt, re-run the audit"
+            ) from None
+        return cls.from_dict(data, source=str(p))
+
+    def render(self, fmt: str, **options: Any) -> str:
+        """Render this result with the named renderer ("terminal", "md", "html", "json")."""
+        from attn_audit.report import get_renderer
+
+        return get_renderer(fmt).render(self, **options)

@@ -1,0 +1,108 @@
+"""Capture equivalence: probabilities recomputed from captured Q/K equal eager output_attentions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn_audit.capture import CAPTURE_IMPL, attention_probs, capturing
+from tests.conftest import tiny_model
+
+
+def _padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    return ids, mask
+
+
+def _base(model):
+    return getattr(model, "base_model", model)
+
+
+def check_equivalence(model, ids: torch.Tensor, mask: torch.Tensor, atol: float = 1e-5) -> int:
+    """Compare per layer on non-padded query rows; return the number of layers compared."""
+    probs: dict[int, torch.Tensor] = {}
+
+    def consumer(call):
+        probs[call.layer] = attention_probs(call)
+        return None
+
+    with torch.no_grad():
+        with capturing(model, consumer):
+            assert model.config._attn_implementation == CAPTURE_IMPL
+            out_capture = _base(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert model.config._attn_implementation == "sdpa"
+        model.set_attn_implementation("eager")
+        try:
+            eager = _base(model)(input_ids=ids, attention_mask=mask, output_attentions=True)
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert len(eager.attentions) == len(probs) > 0
+    q_valid = mask.bool()
+    for layer, ref in enumerate(eager.attentions):
+        got = probs[layer]
+        assert got.shape == ref.shape, (got.shape, ref.shape)
+        sel = q_valid[:, None, :, None].expand_as(ref)
+        torch.testing.assert_close(got[sel], ref.float()[sel], atol=atol, rtol=0)
+    # the capture path must not change the model's outputs
+    torch.testing.assert_close(out_capture[q_valid], eager.last_hidden_state[q_valid], atol=1e-4, rtol=1e-4)
+    return len(probs)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "mistral", "gpt_neox", "llama", "bert"])
+def test_tiny_families_match_eager(family):
+    model = tiny_model(family)
+    ids, mask = _padded_batch(256, [24, 17, 9])
+    assert check_equivalence(model, ids, mask) == 2
+
+
+def test_mistral_sliding_window_is_honoured():
+    """With a window of 8, keys more than 8 positions back get zero probability."""
+    model = tiny_model("mistral")
+    ids, mask = _padded_batch(256, [30, 30])
+    seen = {}
+
+    def consumer(call):
+        seen[call.layer] = attention_probs(call)
+
+    with torch.no_grad(), capturing(model, consumer):
+        model(input_ids=ids, attention_mask=mask)
+    p = seen[0]
+    i = torch.arange(30)
+    far = i[None, :] <= i[:, None] - 8
+    assert torch.all(p[..., far] == 0)
+    assert torch.all(p[..., ~far & (i[None, :] <= i[:, None])] > 0)
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights_match_eager(smollm2):
+    tok = smollm2.tokenizer
+    enc = tok(["The capital of France is Paris, a city of light.", "Hello"], return_tensors="pt", padding=True)
+    assert enc["attention_mask"].sum() < enc["attention_mask"].numel()  # padding present
+    assert check_equivalence(smollm2.model, enc["input_ids"], enc["attention_mask"]) == 30
+
+
+@pytest.mark.slow
+def test_minilm_real_weights_match_eager(minilm):
+    tok = minilm.tokenizer
+    enc = tok(["Attention is naturally sparse with Gaussian input.", "Short one"], return_tensors="pt", padding=True)
+    assert enc["attention_mask"].sum() < enc["attention_mask"].numel()
+    assert check_equivalence(minilm.model, enc["input_ids"], enc["attention_mask"]) == 6
+
+
+def test_capture_restores_implementation_on_error():
+    model = tiny_model("llama")
+    ids, mask = _padded_batch(256, [8])
+
+    def boom(call):
+        raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError):
+        with torch.no_grad(), capturing(model, boom):
+            model(input_ids=ids, attention_mask=mask)
+    assert model.config._attn_implementation == "sdpa"
