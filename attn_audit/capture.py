@@ -148,17 +148,20 @@ def capturing(model: Any, consumer: Consumer) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def allowed_mask(call: AttentionCall, rows: slice | None = None, keys: int | None = None) -> torch.Tensor:
+def allowed_mask(
+    call: AttentionCall, rows: slice | torch.Tensor | None = None, keys: int | None = None
+) -> torch.Tensor:
     """Boolean mask of allowed keys, broadcastable to (batch, head, rows, keys).
 
     Args:
         call: the attention call.
-        rows: query rows to build the mask for (default all).
+        rows: query rows to build the mask for: a slice or an int64 index tensor (default all).
         keys: number of leading keys to include (default all).
     """
     q_len = call.query.shape[2]
     k_len = call.key.shape[2] if keys is None else keys
-    rows = rows or slice(0, q_len)
+    if rows is None:
+        rows = slice(0, q_len)
     m = call.attention_mask
     if m is None:
         qi = torch.arange(q_len, device=call.query.device)[rows].unsqueeze(-1)
@@ -170,13 +173,15 @@ def allowed_mask(call: AttentionCall, rows: slice | None = None, keys: int | Non
             if call.sliding_window:
                 allowed = allowed & (kj > qi + offset - int(call.sliding_window))
         return allowed.view(1, 1, *allowed.shape)
-    m = m[..., rows, :k_len]
+    m = m[..., :k_len] if m.shape[-2] == 1 else m[..., rows, :k_len]
     if m.dtype == torch.bool:
         return m
     return m > torch.finfo(m.dtype).min / 2
 
 
-def scores(call: AttentionCall, rows: slice | None = None, keys: int | None = None) -> torch.Tensor:
+def scores(
+    call: AttentionCall, rows: slice | torch.Tensor | None = None, keys: int | None = None
+) -> torch.Tensor:
     """Pre-softmax logits in float32, disallowed keys set to -inf.
 
     Returns:

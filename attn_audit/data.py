@@ -187,20 +187,24 @@ def build_sequences(
     encoder: bool = False,
     vocab_size: int | None = None,
     held_out: int = 0,
+    records: tuple[str, list[Any]] | None = None,
 ) -> list[TokenData]:
     """One :class:`TokenData` per length, in the order given.
+
+    ``records`` (kind, items) bypasses reading ``spec`` (the API passes in-memory texts this way).
 
     Raises:
         DatasetError: missing data, bad ids, or fewer tokens than one sequence.
     """
-    kind, records = load_records(spec)
+    kind, items = records if records is not None else load_records(spec)
+    records_list: list[Any] = items
     if kind == "input_ids":
-        return _pretokenized(records, seq_lens, num_sequences, vocab_size, held_out)
+        return _pretokenized(records_list, seq_lens, num_sequences, vocab_size, held_out)
     cls_id = getattr(tokenizer, "cls_token_id", None) if encoder else None
     sep_id = getattr(tokenizer, "sep_token_id", None) if encoder else None
     wrap = 2 if (cls_id is not None and sep_id is not None) else 0
     total = sum((n - wrap) * num_sequences for n in seq_lens) + (max(seq_lens) - wrap) * held_out
-    stream, docs = token_stream(records, tokenizer, seed, total)
+    stream, docs = token_stream(records_list, tokenizer, seed, total)
     if len(stream) < seq_lens[0] - wrap:
         raise DatasetError(
             f"dataset {spec.spec} gives only {len(stream)} tokens, fewer than one sequence of "

@@ -1,0 +1,304 @@
+"""Streaming per-head reducers: every batch is folded into fixed-size state, then dropped.
+
+Memory does not grow with the number of sequences except for a few numbers per sequence (used
+for bootstrap intervals). The per-row work (scores of one block of query rows, exact k_eps via
+:mod:`attn_audit.rows`) stays on the model's device; only small aggregates and the bounded
+reservoir samples move to the CPU.
+
+Reservoirs (Q/K vectors for Gaussianity, per-row features for the theory comparison) keep the
+items with the smallest seeded hash priority of (sequence index, position). That rule is
+deterministic, independent of batching and mergeable across processes: the union of two
+reservoirs cut to the smallest priorities is the reservoir of the union.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from attn_audit.capture import AttentionCall, scores
+from attn_audit.rows import RowSpec, row_metrics
+
+_MASK64 = (1 << 64) - 1
+
+
+def priorities(seed: int, seq_index: np.ndarray, pos: np.ndarray, salt: int = 0) -> np.ndarray:
+    """Seeded hash (splitmix64) of (seq, pos) as floats in [0, 1); shapes broadcast."""
+    with np.errstate(over="ignore"):
+        x = (
+            np.uint64(seed & _MASK64) * np.uint64(0x9E3779B97F4A7C15)
+            + seq_index.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+            + pos.astype(np.uint64) * np.uint64(0x94D049BB133111EB)
+            + np.uint64(salt)
+        )
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass(frozen=True)
+class AccumulateConfig:
+    """What to measure. ``rows_per_sequence`` None means every row (``--exact``)."""
+
+    eps: tuple[float, ...] = (0.01, 0.05, 0.1)
+    budgets: tuple[int, ...] = (16, 64, 256)
+    sinks: int = 1
+    window: int = 64
+    min_keys: int = 16
+    rows_per_sequence: int | None = 256
+    seed: int = 0
+    reservoir_size: int = 2048
+    row_reservoir_size: int = 512
+    thin: int = 4  # take every m-th position into the Q/K reservoir (less autocorrelation)
+    block_elements: int = 1 << 24  # max scores elements per block (float32)
+
+
+class Reservoir:
+    """Bounded priority sample shared by all layers: the same items are kept for every layer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.prio = np.zeros(0)
+        self.ids = np.zeros((0, 2), dtype=np.int64)  # (sequence index, position)
+        self.data: dict[Any, torch.Tensor] = {}
+        self._keep: torch.Tensor | None = None
+        self._n_old = 0
+
+    def plan(self, prio: np.ndarray, ids: np.ndarray) -> None:
+        """Decide which old and new items survive this batch (call before the layers report)."""
+        allp = np.concatenate([self.prio, prio])
+        order = np.argsort(allp, kind="stable")[: self.capacity]
+        order.sort()
+        self._n_old = len(self.prio)
+        self._keep = torch.from_numpy(order)
+        self.prio = allp[order]
+        self.ids = np.concatenate([self.ids, ids])[order]
+
+    def update(self, key: Any, new: torch.Tensor) -> None:
+        """Merge ``new`` (n_new, ...) candidates of one layer/site into the sample."""
+        assert self._keep is not None
+        new = new.detach().to("cpu", torch.float32)
+        old = self.data.get(key)
+        both = new if old is None else torch.cat([old, new])
+        self.data[key] = both[self._keep]
+
+
+class Accumulator:
+    """Per-layer, per-head running aggregates for one sequence length.
+
+    Call :meth:`begin_batch` before each forward pass and let :mod:`attn_audit.capture` deliver
+    each layer's :class:`AttentionCall` to ``self``; :meth:`summary` returns numpy aggregates.
+    """
+
+    def __init__(self, info: dict[str, Any], seq_len: int, num_sequences: int, cfg: AccumulateConfig) -> None:
+        self.cfg = cfg
+        self.seq_len = seq_len
+        self.L, self.H, self.Hkv = info["num_layers"], info["num_heads"], info["num_kv_heads"]
+        self.causal = bool(info["causal"])
+        E, B = len(cfg.eps), len(cfg.budgets)
+        self.spec = RowSpec(eps=tuple(cfg.eps), budgets=tuple(cfg.budgets), sinks=cfg.sinks, window=cfg.window)
+        L, H = self.L, self.H
+        self.k_hist = torch.zeros(L, H, E, seq_len + 1, dtype=torch.int64)
+        self.nbins = max(1, int(math.floor(math.log2(seq_len))) + 1)
+        self.pos_k = np.zeros((L, H, E, self.nbins))
+        self.pos_kfrac = np.zeros((L, H, E, self.nbins))
+        self.pos_rows = np.zeros((L, H, self.nbins), dtype=np.int64)
+        self.seq_k = np.zeros((num_sequences, L, H, E))
+        self.seq_kfrac = np.zeros((num_sequences, L, H, E))
+        self.seq_ksink = np.zeros((num_sequences, L, H, E))
+        self.seq_rows = np.zeros((num_sequences, L, H), dtype=np.int64)
+        self.tail = np.zeros((L, H, B))
+        self.sums = {name: np.zeros((L, H)) for name in ("entropy", "participation", "sink_mass", "local_mass", "bulk_mass")}
+        self.max_abs_score = np.full((L, H), -np.inf)
+        self.max_q_norm = np.zeros((L, H))
+        self.max_k_norm = np.zeros((L, self.Hkv))
+        self.scale = np.zeros(L)
+        self.nonfinite_rows = np.zeros((L, H), dtype=np.int64)
+        self.tokens = Reservoir(cfg.reservoir_size)
+        self.rows = Reservoir(cfg.row_reservoir_size)
+        self.layers_seen: set[int] = set()
+        self._rng = np.random.default_rng(cfg.seed)
+        self._row_index = self._choose_rows()
+
+    # -- batch set-up ------------------------------------------------------------------------
+    def _choose_rows(self) -> torch.Tensor:
+        """Query positions measured in every sequence (all, or a seeded sample of eligible rows)."""
+        first = self.cfg.min_keys - 1 if self.causal else 0
+        eligible = np.arange(max(first, 0), self.seq_len)
+        n = self.cfg.rows_per_sequence
+        if n is None or n >= len(eligible):
+            return torch.from_numpy(np.arange(self.seq_len))
+        chosen = np.sort(self._rng.choice(eligible, size=n, replace=False))
+        return torch.from_numpy(chosen)
+
+    @property
+    def sampled(self) -> bool:
+        return len(self._row_index) < self.seq_len
+
+    def begin_batch(self, seq_start: int, attention_mask: torch.Tensor) -> None:
+        """Record the batch's padding mask (batch, pos) and plan the reservoir updates."""
+        self.seq_start = seq_start
+        self.mask = attention_mask.bool()
+        b, s = self.mask.shape
+        rows = self._row_index[self._row_index < s]
+        self.batch_rows = rows
+        valid = self.mask.cpu().numpy()
+        seq_ids = np.arange(seq_start, seq_start + b)[:, None]
+        # Q/K token reservoir: thinned positions, sinks excluded (reported apart).
+        pos = np.arange(s)[None, :]
+        tok_ok = valid & (pos >= self.cfg.sinks) & (pos % self.cfg.thin == 0)
+        bi, pi = np.nonzero(tok_ok)
+        self._tok_sel = (torch.from_numpy(bi), torch.from_numpy(pi))
+        self.tokens.plan(priorities(self.cfg.seed, bi, pi, salt=1), np.stack([bi + seq_start, pi], 1))
+        # row-feature reservoir: measured rows with enough keys
+        r = rows.numpy()
+        row_ok = valid[:, r]
+        bi2, ri2 = np.nonzero(row_ok)
+        self._row_sel = (torch.from_numpy(bi2), torch.from_numpy(ri2))
+        self.rows.plan(priorities(self.cfg.seed, bi2, r[ri2], salt=2), np.stack([bi2 + seq_start, r[ri2]], 1))
+
+    # -- the consumer ------------------------------------------------------------------------
+    def __call__(self, call: AttentionCall) -> None:
+        """Fold one layer's attention call into the aggregates."""
+        layer = call.layer
+        self.layers_seen.add(layer)
+        self.scale[layer] = call.scaling
+        q, k = call.query, call.key
+        mask = self.mask.to(q.device)
+        b = q.shape[0]
+        # non-finite tokens (fp16 overflow, broken weights): count, zero, and drop their rows
+        q_bad = ~torch.isfinite(q).all(-1)  # (batch, head, pos)
+        k_bad = ~torch.isfinite(k).all(-1) & mask[:, None, :]
+        if bool(q_bad.any()) or bool(k_bad.any()):
+            call = _sanitised(call)
+            q, k = call.query, call.key
+        qn = q.float().norm(dim=-1).masked_fill(~mask[:, None, :], 0)
+        kn = k.float().norm(dim=-1).masked_fill(~mask[:, None, :], 0)
+        self.max_q_norm[layer] = np.maximum(self.max_q_norm[layer], qn.amax(dim=(0, 2)).cpu().numpy())
+        self.max_k_norm[layer] = np.maximum(self.max_k_norm[layer], kn.amax(dim=(0, 2)).cpu().numpy())
+        bi, pi = self._tok_sel
+        self.tokens.update((layer, "q"), q[bi, :, pi])
+        self.tokens.update((layer, "k"), k[bi, :, pi])
+        groups = self.H // self.Hkv
+        seq_bad = k_bad.any(-1).repeat_interleave(groups, dim=1)  # (batch, head)
+        rows = self.batch_rows.to(q.device)
+        keys_total = k.shape[2]
+        per_row = b * self.H * keys_total
+        step = max(1, self.cfg.block_elements // max(per_row, 1))
+        feats = []
+        for start in range(0, len(rows), step):
+            blk = rows[start : start + step]
+            n_keys = int(blk.max()) + 1 if call.is_causal else keys_total
+            s = scores(call, blk, n_keys)  # (batch, head, R, keys)
+            m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec)
+            del s
+            feats.append(self._fold(layer, m, blk, mask, q_bad, seq_bad))
+        self.rows.update(layer, torch.cat(feats, dim=2)[self._row_sel[0], :, self._row_sel[1]])
+
+    def _fold(self, layer: int, m: Any, blk: torch.Tensor, mask: torch.Tensor, q_bad: torch.Tensor,
+              seq_bad: torch.Tensor) -> torch.Tensor:
+        """Add one block's row metrics; return per-row features (batch, head, R, F) for the row reservoir."""
+        H, E = self.H, len(self.cfg.eps)
+        b = mask.shape[0]
+        R = len(blk)
+        n = m.n_keys.view(b, H, R)
+        k_eps = m.k_eps.view(b, H, R, E)
+        ok_q = mask[:, blk][:, None, :] & ~q_bad[:, :, blk] & ~seq_bad[:, :, None]
+        finite = torch.isfinite(m.max_abs_score.view(b, H, R)) & torch.isfinite(m.entropy.view(b, H, R))
+        allowed = mask[:, blk][:, None, :] & (n >= max(self.cfg.min_keys, 1))
+        valid = allowed & ok_q & finite
+        self.nonfinite_rows[layer] += (allowed & ~(ok_q & finite)).sum(dim=(0, 2)).cpu().numpy()
+        vf = valid.double()
+        nd = n.double().clamp(min=1)
+        kfrac = k_eps.double() / nd[..., None]
+        # exact distribution of k_eps: histogram over integers 0..seq_len
+        kk = k_eps.clamp(0, self.seq_len).long()
+        h_idx = torch.arange(H, device=kk.device).view(1, H, 1, 1)
+        e_idx = torch.arange(E, device=kk.device).view(1, 1, 1, E)
+        flat = ((h_idx * E + e_idx) * (self.seq_len + 1) + kk)[valid]
+        self.k_hist[layer] += torch.bincount(flat.flatten(), minlength=H * E * (self.seq_len + 1)).view(
+            H, E, self.seq_len + 1
+        ).cpu()
+        vE = vf[..., None]
+        sl = slice(self.seq_start, self.seq_start + b)
+        self.seq_k[sl, layer] += (k_eps.double() * vE).sum(2).cpu().numpy()
+        self.seq_kfrac[sl, layer] += (kfrac * vE).sum(2).cpu().numpy()
+        self.seq_ksink[sl, layer] += (m.k_eps_sinks.view(b, H, R, E).double() * vE).sum(2).cpu().numpy()
+        self.seq_rows[sl, layer] += valid.sum(2).cpu().numpy()
+        # by position: log2 bins of n_i
+        pbin = torch.floor(torch.log2(nd)).long().clamp(0, self.nbins - 1)
+        onehot = torch.nn.functional.one_hot(pbin, self.nbins).double() * vf[..., None]  # (b,H,R,bins)
+        self.pos_rows[layer] += onehot.sum(dim=(0, 2)).long().cpu().numpy()
+        self.pos_k[layer] += torch.einsum("bhre,bhrn->hen", k_eps.double(), onehot).cpu().numpy()
+        self.pos_kfrac[layer] += torch.einsum("bhre,bhrn->hen", kfrac, onehot).cpu().numpy()
+        nb = len(self.cfg.budgets)
+        tail = m.tail_mass.view(b, H, R, nb).double().nan_to_num(0.0)
+        self.tail[layer] += (tail * vf[..., None]).sum(dim=(0, 2)).cpu().numpy()
+        for name in self.sums:
+            val = getattr(m, name).view(b, H, R).double().nan_to_num(0.0)
+            self.sums[name][layer] += (val * vf).sum(dim=(0, 2)).cpu().numpy()
+        mx = m.max_abs_score.view(b, H, R).double().masked_fill(~valid, -math.inf).amax(dim=(0, 2))
+        self.max_abs_score[layer] = np.maximum(self.max_abs_score[layer], mx.cpu().numpy())
+        feats = torch.stack(
+            [
+                n.double(),
+                m.bulk_std.view(b, H, R).double(),
+                m.bulk_mass.view(b, H, R).double(),
+                m.sink_mass.view(b, H, R).double(),
+                valid.double(),
+                *[k_eps[..., e].double() for e in range(E)],
+            ],
+            dim=-1,
+        )
+        return feats
+
+    # -- results -------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Plain numpy aggregates (no torch) for :mod:`attn_audit.sparsity` and the pipeline."""
+        samples_q = {l: self.tokens.data[(l, "q")].numpy() for l in range(self.L) if (l, "q") in self.tokens.data}
+        samples_k = {l: self.tokens.data[(l, "k")].numpy() for l in range(self.L) if (l, "k") in self.tokens.data}
+        rows = {l: self.rows.data[l].numpy() for l in range(self.L) if l in self.rows.data}
+        return {
+            "seq_len": self.seq_len,
+            "k_hist": self.k_hist.numpy(),
+            "pos_k": self.pos_k,
+            "pos_kfrac": self.pos_kfrac,
+            "pos_rows": self.pos_rows,
+            "seq_k": self.seq_k,
+            "seq_kfrac": self.seq_kfrac,
+            "seq_ksink": self.seq_ksink,
+            "seq_rows": self.seq_rows,
+            "tail": self.tail,
+            "sums": self.sums,
+            "max_abs_score": self.max_abs_score,
+            "max_q_norm": self.max_q_norm,
+            "max_k_norm": self.max_k_norm,
+            "scale": self.scale,
+            "nonfinite_rows": self.nonfinite_rows,
+            "samples_q": samples_q,
+            "samples_k": samples_k,
+            "row_features": rows,
+            "row_feature_names": ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid"]
+            + [f"k_eps@{e}" for e in self.cfg.eps],
+            "rows_sampled": self.sampled,
+            "rows_per_sequence": len(self._row_index) if self.sampled else None,
+            "layers_seen": sorted(self.layers_seen),
+        }
+
+
+def _sanitised(call: AttentionCall) -> AttentionCall:
+    """A copy of ``call`` with non-finite Q/K entries zeroed (their rows are dropped anyway)."""
+    from dataclasses import replace
+
+    return replace(
+        call,
+        query=torch.nan_to_num(call.query, nan=0.0, posinf=0.0, neginf=0.0),
+        key=torch.nan_to_num(call.key, nan=0.0, posinf=0.0, neginf=0.0),
+    )

@@ -1,0 +1,304 @@
+"""The Python API: ``audit(model, tokenizer, dataset, config) -> AuditResult``.
+
+The CLI is a thin layer over :func:`run_audit`, which loads the model and the data and calls
+:func:`audit`. Orchestration only: capture (:mod:`capture`), reduction (:mod:`accumulate`),
+figures (:mod:`sparsity`, :mod:`stats`, :mod:`theory`), plan (:mod:`rank`).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from attn_audit import __version__
+from attn_audit.config import AuditConfig
+from attn_audit.data import BUNDLED, DataSpec, TokenData, build_sequences
+from attn_audit.errors import CaptureError, ConfigError
+from attn_audit.result import SCHEMA_VERSION, AuditResult
+
+
+class Progress(Protocol):
+    """Observer for long runs; the CLI attaches a rich progress bar, the API default is silent."""
+
+    def start(self, label: str, total_tokens: int) -> None: ...
+    def advance(self, tokens: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    """Progress that reports nothing."""
+
+    def start(self, label: str, total_tokens: int) -> None:
+        pass
+
+    def advance(self, tokens: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import scipy
+    import torch
+    import transformers
+
+    out = {
+        "attn_audit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+    }
+    try:
+        import datasets
+
+        out["datasets"] = datasets.__version__
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    return out
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def capture_length(
+    model: Any,
+    info: dict[str, Any],
+    data: TokenData,
+    config: AuditConfig,
+    pad_id: int,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Run the model over one length's sequences and return the accumulator's summary."""
+    import torch
+
+    from attn_audit.accumulate import AccumulateConfig, Accumulator
+    from attn_audit.capture import capturing
+    from attn_audit.data import batches
+
+    acc_cfg = AccumulateConfig(
+        eps=config.eps,
+        budgets=config.budgets,
+        sinks=config.sinks,
+        window=config.window,
+        min_keys=config.min_keys,
+        rows_per_sequence=None if config.exact else config.rows_per_sequence,
+        seed=config.seed,
+        reservoir_size=config.reservoir_size,
+    )
+    acc = Accumulator(info, data.seq_len, len(data.sequences), acc_cfg)
+    device = next(model.parameters()).device
+    base = getattr(model, "base_model", model)
+    progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences))
+    with torch.inference_mode(), capturing(model, acc):
+        for start, ids, mask in batches(data.sequences, config.batch_size, pad_id):
+            acc.begin_batch(start, mask.to(device))
+            base(input_ids=ids.to(device), attention_mask=mask.to(device))
+            progress.advance(int(mask.sum()))
+    progress.finish()
+    summary = acc.summary()
+    if len(summary["layers_seen"]) != info["num_layers"]:
+        raise CaptureError(
+            f"captured {len(summary['layers_seen'])} of {info['num_layers']} layers; this model does not "
+            "route every attention layer through the attention interface (see --list-families)"
+        )
+    return summary
+
+
+def audit(
+    model: Any,
+    tokenizer: Any,
+    dataset: DataSpec | str | Sequence[str] | None = None,
+    config: AuditConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    name: str | None = None,
+    info: dict[str, Any] | None = None,
+) -> AuditResult:
+    """Audit an already-loaded model.
+
+    Args:
+        model: a transformers model of a supported family (see ``--list-families``).
+        tokenizer: its tokenizer.
+        dataset: a :class:`DataSpec`, a spec string (file, hub name, "bundled:fortunes"), or a
+            list of texts; None means the bundled corpus.
+        config: what to measure (defaults: :class:`AuditConfig`).
+        progress: an observer for progress (default silent).
+        name: the model name recorded in the result.
+        info: the model block (as from :func:`attn_audit.load.model_info`); derived if None.
+
+    Returns:
+        The :class:`AuditResult` (also renderable and savable).
+    """
+    from attn_audit.load import check_family, model_info
+
+    config = (config or AuditConfig()).validate()
+    progress = progress or NullProgress()
+    check_family(getattr(model.config, "text_config", None) or model.config)
+    info = info or model_info(model, name or getattr(model.config, "_name_or_path", "model"), "object")
+    if info["max_positions"] and config.seq_len > info["max_positions"]:
+        raise ConfigError(
+            f"--seq-len {config.seq_len} exceeds the model's {info['max_positions']} positions; "
+            f"use at most {info['max_positions']}"
+        )
+    t0 = time.perf_counter()
+    spec, texts = _data_spec(dataset)
+    vocab = getattr(model.config, "vocab_size", None)
+    held = config.verify_sequences if config.verify else 0
+    if texts is not None:
+        all_data = _from_texts(texts, tokenizer, config, info, held)
+        spec_text = "<in-memory texts>"
+    else:
+        all_data = build_sequences(
+            spec,
+            tokenizer,
+            config.seq_lens,
+            config.num_sequences,
+            config.seed,
+            encoder=not info["causal"],
+            vocab_size=vocab,
+            held_out=held,
+        )
+        spec_text = spec.spec
+    pad_id = _pad_id(tokenizer)
+    summaries = {}
+    for td in all_data:
+        summaries[td.seq_len] = capture_length(model, info, td, config, pad_id, progress)
+    elapsed = time.perf_counter() - t0
+    from attn_audit.assemble import assemble
+
+    primary = max(summaries)
+    tokens = sum(sum(len(s) for s in td.sequences) for td in all_data)
+    run = {
+        "seq_len": primary,
+        "seq_lens": list(config.seq_lens),
+        "num_sequences": len(all_data[-1].sequences),
+        "eps": list(config.eps),
+        "eps_keys": list(config.eps_keys),
+        "min_keys": config.min_keys,
+        "rows": "sampled" if summaries[primary]["rows_sampled"] else "all",
+        "rows_per_sequence": summaries[primary]["rows_per_sequence"],
+        "seed": config.seed,
+        "budgets": list(config.budgets),
+        "sinks": config.sinks,
+        "window": config.window,
+        "batch_size": config.batch_size,
+        "device": str(next(model.parameters()).device),
+        "sites": ["q", "k"],
+        "capture_point": "post-RoPE, before repeat_kv (transformers AttentionInterface)",
+        "reservoir_size": config.reservoir_size,
+        "versions": _versions(),
+        "dataset": {
+            "spec": spec_text,
+            "kind": all_data[0].kind,
+            "split": spec.split if spec_text not in (BUNDLED, "<in-memory texts>") else None,
+            "text_column": spec.text_column,
+            "documents": all_data[0].documents,
+            "tokens": tokens,
+            "token_hash": _hash_all(all_data),
+        },
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "nonfinite_rows": int(sum(s["nonfinite_rows"].sum() for s in summaries.values())),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "attn-audit", "version": __version__},
+        "model": info,
+        "run": run,
+    }
+    result = assemble(data, summaries, config, model=model)
+    if config.verify:
+        from attn_audit.verify import verify_plan
+
+        verify_plan(model, result, all_data[-1].held_out, config, pad_id)
+    return result
+
+
+def _data_spec(dataset: DataSpec | str | Sequence[str] | None) -> tuple[DataSpec, list[str] | None]:
+    if dataset is None:
+        return DataSpec(), None
+    if isinstance(dataset, DataSpec):
+        return dataset, None
+    if isinstance(dataset, str):
+        return DataSpec(spec=dataset), None
+    texts = [t for t in dataset if isinstance(t, str) and t.strip()]
+    return DataSpec(spec="<in-memory texts>"), texts
+
+
+def _from_texts(texts: list[str], tokenizer: Any, config: AuditConfig, info: dict[str, Any], held: int) -> list[TokenData]:
+    return build_sequences(
+        DataSpec(spec="<in-memory texts>"),
+        tokenizer,
+        config.seq_lens,
+        config.num_sequences,
+        config.seed,
+        encoder=not info["causal"],
+        held_out=held,
+        records=("text", texts),
+    )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "sep_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _hash_all(all_data: list[TokenData]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for td in all_data:
+        h.update(td.token_hash().encode())
+    return h.hexdigest()
+
+
+def run_audit(
+    model_name: str,
+    dataset: DataSpec | None = None,
+    config: AuditConfig | None = None,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> AuditResult:
+    """Load ``model_name`` (alias, hub id, local directory or .gguf) and audit it."""
+    from attn_audit.load import load_model
+
+    config = (config or AuditConfig()).validate()
+    device = _resolve_device(config.device)
+    loaded = load_model(
+        model_name,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    return audit(
+        loaded.model,
+        loaded.tokenizer,
+        dataset or DataSpec(),
+        config,
+        progress=progress,
+        info=loaded.info,
+    )

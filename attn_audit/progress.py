@@ -1,0 +1,53 @@
+"""A rich progress bar (tokens/s, ETA) on stderr, implementing :class:`attn_audit.api.Progress`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class RichProgress:
+    """One bar per length: "seq-len 512  ━━━━━  12.3k/16k tok  2.1k tok/s  0:00:04"."""
+
+    def __init__(self, enabled: bool = True, no_color: bool = False) -> None:
+        self.enabled = enabled
+        self.no_color = no_color
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self, label: str, total_tokens: int) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        console = Console(file=sys.stderr, no_color=self.no_color)
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("tok"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal and False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(label, total=total_tokens, rate="")
+
+    def advance(self, tokens: int) -> None:
+        if self._progress is None:
+            return
+        self._progress.advance(self._task, tokens)
+        task = self._progress.tasks[0]
+        speed = task.speed
+        self._progress.update(self._task, rate=f"{speed:,.0f} tok/s" if speed else "")
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
