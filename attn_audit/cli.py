@@ -198,12 +198,12 @@ def _main(ns: argparse.Namespace) -> int:
 
     if ns.load:
         result = AuditResult.load(ns.load)
-        if ns.target_len:
-            from attn_audit.rank import PlanConfig, build_plan, rank_heads
+        from attn_audit.rank import PlanConfig, ensure_plan, rank_and_plan
 
-            plan_cfg = PlanConfig(target_len=ns.target_len)
-            rank_heads(result, plan_cfg)
-            build_plan(result, plan_cfg)
+        if ns.target_len:  # re-plan for another deployment length
+            rank_and_plan(result, PlanConfig(target_len=ns.target_len))
+        else:
+            ensure_plan(result, PlanConfig())
     else:
         result = _run(ns, config)
     return _finish(ns, result, formats, checks, exports, out)

@@ -1,0 +1,129 @@
+"""``--export duo``: the DuoAttention head pattern.
+
+Files ``duo/full_attention_heads.tsv`` and ``duo/config.json``.
+
+TSV: one row per layer, one tab-separated column per **KV head**, scientific-notation floats in
+[0, 1]; higher means keep full attention. DuoAttention clips to [0, 1], then binarises at 0.5
+(or at a sparsity quantile): 1 = retrieval head (full KV cache), 0 = streaming head (sinks +
+recent window).
+
+Value of KV head ``g`` in layer ``l``::
+
+    gate = m / (m + ε),   m = max over g's query heads of the mean distant mass
+
+where the distant mass is ``bulk_mass_mean``, the attention mass outside the ``run.sinks`` sink
+tokens and the ``run.window`` most recent keys, i.e. exactly what a streaming head drops (its TV
+error), and
+``ε`` is the plan's eps. So the default threshold 0.5 marks a KV head as retrieval exactly when
+streaming would lose more than ε of some query head's mass; the map is monotone, so a quantile
+binarisation ranks KV heads by distant mass. Heads without mass figures get 1 (keep full).
+``config.json`` carries ``sink_size = run.sinks`` and ``recent_size = run.window`` (the sizes the
+masses were measured with) plus an ``attn_audit`` block saying how the values were made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attn_audit.export.base import ExportError, index_heads, validate_against_model
+from attn_audit.rank import distant_mass
+from attn_audit.result import AuditResult
+
+TSV = "duo/full_attention_heads.tsv"
+CONFIG = "duo/config.json"
+
+
+def export_duo(
+    result: AuditResult, model_info: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The TSV text (layers x KV heads) and the config dict for ``result``."""
+    shape = validate_against_model(model_info or result.model, result.heads)
+    summary = result.data.get("plan_summary") or {}
+    eps_key = str(summary.get("eps_key") or result.primary_eps_key)
+    eps = float(eps_key)
+    sinks, window = int(result.run.get("sinks") or 0), int(result.run.get("window") or 0)
+    if window < 1:
+        raise ExportError(
+            f"DuoAttention needs a recent window >= 1; the audit used window {window}"
+        )
+    records = index_heads(result.heads)
+    rows = []
+    for layer in range(shape.num_layers):
+        gates = []
+        for kv in range(shape.num_kv_heads):
+            group = range(kv * shape.group_size, (kv + 1) * shape.group_size)
+            masses = [distant_mass(records[(layer, h)]) for h in group]
+            known = [m for m in masses if m is not None]
+            if len(known) < len(masses):
+                gates.append(1.0)  # unknown distant mass: keep full attention
+            else:
+                m = max(known)
+                gates.append(m / (m + eps) if m > 0 else 0.0)
+        rows.append("\t".join(f"{g:.6e}" for g in gates))
+    config = {
+        "sink_size": sinks,
+        "recent_size": window,
+        "attn_audit": {
+            "model": result.model.get("name"),
+            "eps": eps_key,
+            "seq_len": result.run.get("seq_len"),
+            "value": "m/(m+eps), m = max over the KV group's query heads of the mean "
+            "attention mass "
+            "outside sink_size sinks and the recent_size window; 0.5 <=> m = eps",
+            "layers": shape.num_layers,
+            "kv_heads": shape.num_kv_heads,
+        },
+    }
+    return "\n".join(rows) + "\n", config
+
+
+def render(result: AuditResult, model_info: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The files of this export: ``{relative path: text}``."""
+    tsv, config = export_duo(result, model_info)
+    return {TSV: tsv, CONFIG: json.dumps(config, indent=1) + "\n"}
+
+
+def read_duo(
+    directory: str | Path, model_info: Mapping[str, Any]
+) -> tuple[list[list[float]], dict[str, Any]]:
+    """Load ``full_attention_heads.tsv`` and ``config.json`` from ``directory`` (the ``duo`` folder
+    or the export root) and check them against the model; raises :class:`ExportError`."""
+    d = Path(directory)
+    if not (d / "full_attention_heads.tsv").exists() and (d / "duo").is_dir():
+        d = d / "duo"
+    shape = validate_against_model(model_info)
+    tsv, cfg = d / "full_attention_heads.tsv", d / "config.json"
+    try:
+        lines = tsv.read_text(encoding="utf-8").splitlines()
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{d}: cannot read a DuoAttention pattern ({exc})") from None
+    lines = [line for line in lines if line.strip()]
+    if len(lines) != shape.num_layers:
+        raise ExportError(f"{tsv}: {len(lines)} rows, but the model has {shape.num_layers} layers")
+    matrix = []
+    for layer, line in enumerate(lines):
+        cells = line.split("\t")
+        if len(cells) != shape.num_kv_heads:
+            raise ExportError(
+                f"{tsv}: row {layer} has {len(cells)} columns, "
+                f"the model has {shape.num_kv_heads} KV heads"
+            )
+        try:
+            values = [float(c) for c in cells]
+        except ValueError:
+            raise ExportError(f"{tsv}: row {layer} holds a non-number: {line!r}") from None
+        if any(not math.isfinite(v) or not 0.0 <= v <= 1.0 for v in values):
+            raise ExportError(f"{tsv}: row {layer} has a value outside [0, 1]: {line!r}")
+        matrix.append(values)
+    if not isinstance(config, dict):
+        raise ExportError(f"{cfg}: expected a JSON object")
+    for key, low in (("sink_size", 0), ("recent_size", 1)):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ExportError(f"{cfg}: {key} must be an integer >= {low}, got {value!r}")
+    return matrix, config
