@@ -121,6 +121,11 @@ class Accumulator:
         self.max_k_norm = np.zeros((L, self.Hkv))
         self.scale = np.zeros(L)
         self.nonfinite_rows = np.zeros((L, H), dtype=np.int64)
+        self.head_dim = int(info["head_dim"])
+        # attention-input norms ||x|| (after the pre-norm): running max and a log-spaced histogram
+        self.x_norm_edges = torch.logspace(-3, 5, 1025, dtype=torch.float64)
+        self.x_norm_hist = np.zeros((L, 1026), dtype=np.int64)
+        self.x_norm_max = np.zeros(L)
         self.tokens = Reservoir(cfg.reservoir_size)
         self.rows = Reservoir(cfg.row_reservoir_size)
         self.layers_seen: set[int] = set()
@@ -163,6 +168,34 @@ class Accumulator:
         bi2, ri2 = np.nonzero(row_ok)
         self._row_sel = (torch.from_numpy(bi2), torch.from_numpy(ri2))
         self.rows.plan(priorities(self.cfg.seed, bi2, r[ri2], salt=2), np.stack([bi2 + seq_start, r[ri2]], 1))
+
+    # -- projection hooks (pre-RoPE sites, attention input) -----------------------------------
+    def on_projection(self, layer: int, site: str, t: torch.Tensor) -> None:
+        """Fold a projection hook's tensor: "x" (batch, pos, hidden), "q_pre"/"k_pre"
+        (batch, pos, heads·d_head)."""
+        mask = self.mask.to(t.device)
+        if site == "x":
+            norms = t.float().norm(dim=-1)[mask].double().cpu()
+            norms = norms[torch.isfinite(norms)]
+            if norms.numel():
+                self.x_norm_max[layer] = max(self.x_norm_max[layer], float(norms.max()))
+                idx = torch.bucketize(norms, self.x_norm_edges)
+                self.x_norm_hist[layer] += torch.bincount(idx, minlength=1026).numpy()
+            return
+        b, s_len, width = t.shape
+        heads = width // self.head_dim
+        bi, pi = self._tok_sel
+        self.tokens.update((layer, site), t.view(b, s_len, heads, self.head_dim)[bi, pi])
+
+    def x_norm_quantile(self, layer: int, q: float) -> float | None:
+        """Upper edge of the histogram bin holding the q-quantile of ||x|| (conservative)."""
+        hist = self.x_norm_hist[layer]
+        total = hist.sum()
+        if total == 0:
+            return None
+        idx = int(np.searchsorted(np.cumsum(hist), q * total))
+        edges = self.x_norm_edges.numpy()
+        return float(min(edges[min(idx, len(edges) - 1)], self.x_norm_max[layer]))
 
     # -- the consumer ------------------------------------------------------------------------
     def __call__(self, call: AttentionCall) -> None:
@@ -264,6 +297,10 @@ class Accumulator:
         """Plain numpy aggregates (no torch) for :mod:`attn_audit.sparsity` and the pipeline."""
         samples_q = {l: self.tokens.data[(l, "q")].numpy() for l in range(self.L) if (l, "q") in self.tokens.data}
         samples_k = {l: self.tokens.data[(l, "k")].numpy() for l in range(self.L) if (l, "k") in self.tokens.data}
+        pre = {
+            site: {l: self.tokens.data[(l, site)].numpy() for l in range(self.L) if (l, site) in self.tokens.data}
+            for site in ("q_pre", "k_pre")
+        }
         rows = {l: self.rows.data[l].numpy() for l in range(self.L) if l in self.rows.data}
         return {
             "seq_len": self.seq_len,
@@ -284,6 +321,10 @@ class Accumulator:
             "nonfinite_rows": self.nonfinite_rows,
             "samples_q": samples_q,
             "samples_k": samples_k,
+            "samples_q_pre": pre["q_pre"],
+            "samples_k_pre": pre["k_pre"],
+            "x_norm_max": self.x_norm_max.copy(),
+            "x_norm_p999": np.array([self.x_norm_quantile(l, 0.999) or np.nan for l in range(self.L)]),
             "row_features": rows,
             "row_feature_names": ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid"]
             + [f"k_eps@{e}" for e in self.cfg.eps],

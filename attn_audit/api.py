@@ -88,6 +88,7 @@ def capture_length(
     from attn_audit.accumulate import AccumulateConfig, Accumulator
     from attn_audit.capture import capturing
     from attn_audit.data import batches
+    from attn_audit.hooks import projection_hooks
 
     acc_cfg = AccumulateConfig(
         eps=config.eps,
@@ -103,7 +104,7 @@ def capture_length(
     device = next(model.parameters()).device
     base = getattr(model, "base_model", model)
     progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences))
-    with torch.inference_mode(), capturing(model, acc):
+    with torch.inference_mode(), capturing(model, acc), projection_hooks(model, info["family"], acc.on_projection):
         for start, ids, mask in batches(data.sequences, config.batch_size, pad_id):
             acc.begin_batch(start, mask.to(device))
             base(input_ids=ids.to(device), attention_mask=mask.to(device))
@@ -221,7 +222,13 @@ def audit(
         "model": info,
         "run": run,
     }
-    result = assemble(data, summaries, config, model=model)
+    from attn_audit.hooks import projection_weights
+
+    w = projection_weights(model, info["family"])
+    weights = [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w] if w else None
+    if weights is not None:
+        run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
+    result = assemble(data, summaries, config, weights=weights)
     if config.verify:
         from attn_audit.verify import verify_plan
 

@@ -89,8 +89,13 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
 
 
 def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config: AuditConfig,
-             model: Any = None) -> AuditResult:
-    """Fill ``heads``, ``ranking`` and ``plan`` of ``data`` from per-length summaries."""
+             weights: list[tuple[np.ndarray, np.ndarray]] | None = None) -> AuditResult:
+    """Fill ``heads``, ``ranking`` and ``plan`` of ``data`` from per-length summaries.
+
+    Args:
+        weights: per layer (W_Q, W_K) as (out, in) numpy arrays, for the weight-based R variants
+            (RoPE families with separate projections); None leaves them out.
+    """
     info = data["model"]
     L, H, Hkv = info["num_layers"], info["num_heads"], info["num_kv_heads"]
     group = H // Hkv
@@ -139,6 +144,8 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
     data["heads"] = heads
     _add_gaussianity(heads, s, config, group)
     _add_theory(heads, s, config, group)
+    if weights is not None:
+        _add_weight_bounds(heads, s, weights, info)
     if len(summaries) > 1:
         _add_scaling(heads, summaries, config)
     result = AuditResult(data=data)
@@ -156,18 +163,56 @@ def _fin(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+# result site name -> (summary key, indexed by query head?)
+SITES = {
+    "q": ("samples_q", True),
+    "k": ("samples_k", False),
+    "q_pre_rope": ("samples_q_pre", True),
+    "k_pre_rope": ("samples_k_pre", False),
+}
+
+
 def _add_gaussianity(heads: list[dict[str, Any]], s: dict[str, Any], config: AuditConfig, group: int) -> None:
-    k_cache: dict[tuple[int, int], dict[str, Any]] = {}
+    """Assess every site; a K site is shared by the query heads of its KV group (computed once)."""
+    cache: dict[tuple[str, int, int], dict[str, Any]] = {}
     for rec in heads:
         l, h, g = rec["layer"], rec["head"], rec["kv_head"]
         block: dict[str, Any] = {}
-        if l in s["samples_q"]:
-            block["q"] = gaussianity_block(s["samples_q"][l][:, h, :], config.seed)
-        if l in s["samples_k"]:
-            if (l, g) not in k_cache:
-                k_cache[(l, g)] = gaussianity_block(s["samples_k"][l][:, g, :], config.seed)
-            block["k"] = k_cache[(l, g)]
+        for site, (key, per_query) in SITES.items():
+            samples = s.get(key, {})
+            if l not in samples:
+                continue
+            idx = h if per_query else g
+            if (site, l, idx) not in cache:
+                cache[(site, l, idx)] = gaussianity_block(samples[l][:, idx, :], config.seed)
+            block[site] = cache[(site, l, idx)]
         rec["gaussianity"] = block
+
+
+def _add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
+                       weights: list[tuple[np.ndarray, np.ndarray]], info: dict[str, Any]) -> None:
+    """R_F and R_op from the projection weights and the attention-input norm bound B."""
+    from attn_audit import theory
+
+    d = info["head_dim"]
+    for rec in heads:
+        l, h, g = rec["layer"], rec["head"], rec["kv_head"]
+        if l >= len(weights) or not np.isfinite(s["x_norm_max"][l]) or s["x_norm_max"][l] <= 0:
+            continue
+        wq, wk = weights[l]
+        b_p999 = s["x_norm_p999"][l]
+        b_max = float(s["x_norm_max"][l])
+        rv = theory.r_variants(wq[h * d:(h + 1) * d], wk[g * d:(g + 1) * d], float(s["scale"][l]),
+                               b_max, float(b_p999) if np.isfinite(b_p999) else b_max)
+        rec["R"].update({
+            "W_fro": rv.w_fro, "W_op": rv.w_op, "R_F": rv.r_f_max, "R_F_p999": rv.r_f_p999,
+            "R_op": rv.r_op_max, "R_op_p999": rv.r_op_p999, "B_max": b_max,
+            "B_p999": float(b_p999) if np.isfinite(b_p999) else None,
+        })
+        r_f = rv.r_f_max
+        if r_f and rec["R"].get("logit_range"):
+            rec["R"]["emp_over_R_F"] = rec["R"]["logit_range"] / r_f
+        rec["R"]["note"] = "R_F = scale*B^2*||W_Q^h W_K^g^T||_F (theory.md §3, v2's form with the model's scale); W from pre-RoPE projections"
 
 
 def _add_theory(heads: list[dict[str, Any]], s: dict[str, Any], config: AuditConfig, group: int) -> None:
@@ -193,7 +238,9 @@ def _add_scaling(heads: list[dict[str, Any]], summaries: dict[int, dict[str, Any
                 sr = summaries[n]["seq_rows"][:, l, h]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     per_seq.append(np.where(sr > 0, sk / np.maximum(sr, 1), np.nan))
-            fit = theory.fit_scaling(lengths, per_seq, seed=config.seed)
+            fit = theory.fit_scaling(lengths, np.stack(per_seq, axis=1), seed=config.seed)
+            fit["C_ci"] = [fit.get("C_lo"), fit.get("C_hi")]
             scaling[key] = fit
         primary = scaling.get(AuditResult(data={"run": {"eps_keys": list(config.eps_keys)}}).primary_eps_key, {})
-        rec["scaling"] = {**{k: primary.get(k) for k in ("C", "C_ci", "alpha")}, "by_eps": scaling}
+        rec["scaling"] = {**{k: primary.get(k) for k in ("C", "C_ci", "alpha", "local_slopes")},
+                          "by_eps": scaling, "method": "OLS of log mean k_eps on log n over lengths, bootstrap over sequences"}

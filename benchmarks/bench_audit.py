@@ -1,0 +1,120 @@
+"""Benchmark: the full exact audit against the plain sdpa forward of the same tokens.
+
+For each length, in one process: load the bundled SmolLM2, time the plain forward (sdpa, no
+capture) of the token batch, then time the audit of the same batch with every row measured
+(``--exact``: capture, exact k_eps of every row, reservoirs, statistics, ranking), and print
+
+    seq_len=1024 sequences=4 forward_s=... audit_s=... ratio=<audit / forward> added_rss_mb=...
+
+``added_rss_mb`` is the process's peak RSS during the audit minus its RSS after the model was
+loaded and the forward ran. ``--flat`` also runs 8 and 64 sequences at one length and prints the
+two peak RSS figures (the result is streamed, so they should agree within 10%).
+
+Usage: .venv/bin/python benchmarks/bench_audit.py [--lengths 1024,4096] [--sequences 4]
+       [--flat 1024] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _rss_mb(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward: bool = False) -> dict:
+    import torch
+
+    from attn_audit.api import NullProgress, audit
+    from attn_audit.config import AuditConfig
+    from attn_audit.data import DataSpec, batches, build_sequences
+    from attn_audit.load import load_model
+
+    torch.manual_seed(0)
+    lm = load_model("smollm2-135m-instruct", device=device)
+    (td,) = build_sequences(DataSpec(), lm.tokenizer, [seq_len], sequences, 0)
+    base = lm.model.base_model
+    fwd = float("nan")
+    if not skip_forward:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for _, ids, mask in batches(td.sequences, batch_size, 0):
+                    base(input_ids=ids.to(device), attention_mask=mask.to(device))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        fwd = min(times)
+    rss_loaded = _rss_mb()
+    _reset_peak()
+    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size, exact=True,
+                      device=device)
+    t0 = time.perf_counter()
+    audit(lm.model, lm.tokenizer, DataSpec(), cfg, info=lm.info, progress=NullProgress())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    aud = time.perf_counter() - t0
+    peak = _rss_mb("VmHWM")
+    return {
+        "seq_len": seq_len,
+        "sequences": sequences,
+        "forward_s": round(fwd, 3),
+        "audit_s": round(aud, 3),
+        "ratio": round(aud / fwd, 3) if fwd == fwd else None,
+        "rss_loaded_mb": round(rss_loaded, 1),
+        "peak_rss_mb": round(peak, 1),
+        "added_rss_mb": round(peak - rss_loaded, 1),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--flat", type=int, default=0, help="also compare peak RSS of 8 vs 64 sequences at this length")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        seq_len, sequences, skip = (int(x) for x in args.child.split(":"))
+        print(json.dumps(one(seq_len, sequences, args.device, args.batch_size, bool(skip))))
+        return
+    runs = [(int(n), args.sequences, 0) for n in args.lengths.split(",") if n]
+    if args.flat:
+        runs += [(args.flat, 8, 1), (args.flat, 64, 1)]
+    for seq_len, sequences, skip in runs:
+        # a fresh process per measurement, so peak RSS is that run's own
+        out = subprocess.run([sys.executable, __file__, "--child", f"{seq_len}:{sequences}:{skip}",
+                              "--device", args.device, "--batch-size", str(args.batch_size)],
+                             capture_output=True, text=True, check=True)
+        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        print(" ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
