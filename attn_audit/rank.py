@@ -68,7 +68,7 @@ RISK_FLAGS = (
     "unstable",
     "unstable-across-lengths",
 )
-SKIPPED_VERDICTS = frozenset({"skipped", "insufficient-data", "not-tested", "n/a", "unknown"})
+SKIPPED_VERDICTS = frozenset({"skipped", "not-assessed", "insufficient-data", "not-tested", "n/a", "unknown"})
 FORMULA = (
     "score = w_saving*saving + w_sparsity*(1 - kfrac) + w_stability*stability "
     "- sum(penalty[flag]); "

@@ -239,7 +239,9 @@ def _add_optional(
                         key: {
                             **rec["sparsity"][key],
                             "k_mean": rec["sparsity"][key]["k_mean"] * factor,
-                            "kfrac_mean": min(1.0, rec["sparsity"][key]["kfrac_mean"] * factor * seq_len / n),
+                            "kfrac_mean": min(
+                                1.0, rec["sparsity"][key]["kfrac_mean"] * factor * seq_len / n
+                            ),
                         }
                         for key in eps_keys
                     }
@@ -308,7 +310,8 @@ def _add_optional(
                     "expression": "planned_flops_saving >= 0.2",
                     "value": 0.31 if ok else 0.12,
                     "status": status,
-                    "message": "planned attention FLOPs saving " + ("0.31 >= 0.2" if ok else "0.12 < 0.2"),
+                    "message": "planned attention FLOPs saving "
+                    + ("0.31 >= 0.2" if ok else "0.12 < 0.2"),
                 },
                 {
                     "name": "max-ppl-increase",
@@ -322,7 +325,8 @@ def _add_optional(
                     "expression": "gaussian_share >= 0.1",
                     "value": 0.25 if ok else 0.05,
                     "status": status,
-                    "message": "share of Gaussian-looking heads " + ("0.25 >= 0.1" if ok else "0.05 < 0.1"),
+                    "message": "share of Gaussian-looking heads "
+                    + ("0.25 >= 0.1" if ok else "0.05 < 0.1"),
                 },
             ],
         }
