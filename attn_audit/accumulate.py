@@ -292,6 +292,40 @@ class Accumulator:
         )
         return feats
 
+    # -- checkpoints ----------------------------------------------------------------------------
+    _ARRAYS = ("pos_k", "pos_kfrac", "pos_rows", "seq_k", "seq_kfrac", "seq_ksink", "seq_rows", "tail",
+               "max_abs_score", "max_q_norm", "max_k_norm", "scale", "nonfinite_rows", "x_norm_hist",
+               "x_norm_max")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue later, as plain numpy arrays (saved with np.savez)."""
+        st: dict[str, np.ndarray] = {name: getattr(self, name) for name in self._ARRAYS}
+        st["k_hist"] = self.k_hist.numpy()
+        for name, arr in self.sums.items():
+            st[f"sums.{name}"] = arr
+        st["layers_seen"] = np.array(sorted(self.layers_seen), dtype=np.int64)
+        for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
+            st[f"{tag}.prio"] = res.prio
+            st[f"{tag}.ids"] = res.ids
+            for key, t in res.data.items():
+                st[f"{tag}.data.{_key_str(key)}"] = t.numpy()
+        return st
+
+    def load_state(self, st: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state` (from the same configuration)."""
+        for name in self._ARRAYS:
+            getattr(self, name)[...] = st[name]
+        self.k_hist = torch.from_numpy(np.array(st["k_hist"]))
+        for name in self.sums:
+            self.sums[name][...] = st[f"sums.{name}"]
+        self.layers_seen = set(int(x) for x in st["layers_seen"])
+        for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
+            res.prio = np.array(st[f"{tag}.prio"])
+            res.ids = np.array(st[f"{tag}.ids"])
+            prefix = f"{tag}.data."
+            res.data = {_key_parse(k[len(prefix):]): torch.from_numpy(np.array(v))
+                        for k, v in st.items() if k.startswith(prefix)}
+
     # -- results -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Plain numpy aggregates (no torch) for :mod:`attn_audit.sparsity` and the pipeline."""
@@ -332,6 +366,17 @@ class Accumulator:
             "rows_per_sequence": len(self._row_index) if self.sampled else None,
             "layers_seen": sorted(self.layers_seen),
         }
+
+
+def _key_str(key: Any) -> str:
+    return f"{key[0]}:{key[1]}" if isinstance(key, tuple) else str(key)
+
+
+def _key_parse(text: str) -> Any:
+    if ":" in text:
+        layer, site = text.split(":", 1)
+        return (int(layer), site)
+    return int(text)
 
 
 def _sanitised(call: AttentionCall) -> AttentionCall:

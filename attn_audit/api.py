@@ -81,8 +81,13 @@ def capture_length(
     config: AuditConfig,
     pad_id: int,
     progress: Progress,
+    checkpoint: Any = None,
 ) -> dict[str, Any]:
-    """Run the model over one length's sequences and return the accumulator's summary."""
+    """Run the model over one length's sequences and return the accumulator's summary.
+
+    With a :class:`attn_audit.checkpoint.Checkpointer`, the state is saved every ``every``
+    sequences and, when resuming, restored so that finished batches are skipped.
+    """
     import torch
 
     from attn_audit.accumulate import AccumulateConfig, Accumulator
@@ -103,12 +108,27 @@ def capture_length(
     acc = Accumulator(info, data.seq_len, len(data.sequences), acc_cfg)
     device = next(model.parameters()).device
     base = getattr(model, "base_model", model)
+    done = 0
+    if checkpoint is not None:
+        state = checkpoint.load(data.seq_len)
+        if state is not None:
+            acc.load_state(state)
+            done = checkpoint.done(data.seq_len)
     progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences))
+    progress.advance(sum(len(s) for s in data.sequences[:done]))
+    since_save = 0
     with torch.inference_mode(), capturing(model, acc), projection_hooks(model, info["family"], acc.on_projection):
         for start, ids, mask in batches(data.sequences, config.batch_size, pad_id):
+            if start < done:
+                continue
             acc.begin_batch(start, mask.to(device))
             base(input_ids=ids.to(device), attention_mask=mask.to(device))
             progress.advance(int(mask.sum()))
+            since_save += ids.shape[0]
+            finished = start + ids.shape[0]
+            if checkpoint is not None and (since_save >= checkpoint.every or finished == len(data.sequences)):
+                checkpoint.save(data.seq_len, finished, acc.state())
+                since_save = 0
     progress.finish()
     summary = acc.summary()
     if len(summary["layers_seen"]) != info["num_layers"]:
@@ -128,6 +148,7 @@ def audit(
     progress: Progress | None = None,
     name: str | None = None,
     info: dict[str, Any] | None = None,
+    checkpoint: Any = None,
 ) -> AuditResult:
     """Audit an already-loaded model.
 
@@ -140,6 +161,7 @@ def audit(
         progress: an observer for progress (default silent).
         name: the model name recorded in the result.
         info: the model block (as from :func:`attn_audit.load.model_info`); derived if None.
+        checkpoint: a :class:`attn_audit.checkpoint.Checkpointer` to save (and resume) progress.
 
     Returns:
         The :class:`AuditResult` (also renderable and savable).
@@ -175,9 +197,15 @@ def audit(
         )
         spec_text = spec.spec
     pad_id = _pad_id(tokenizer)
+    if checkpoint is not None:
+        from dataclasses import asdict
+
+        from attn_audit.checkpoint import fingerprint
+
+        checkpoint.begin(fingerprint(info["name"], info["num_layers"], asdict(config), _hash_all(all_data)))
     summaries = {}
     for td in all_data:
-        summaries[td.seq_len] = capture_length(model, info, td, config, pad_id, progress)
+        summaries[td.seq_len] = capture_length(model, info, td, config, pad_id, progress, checkpoint)
     elapsed = time.perf_counter() - t0
     from attn_audit.assemble import assemble
 
@@ -199,7 +227,11 @@ def audit(
         "batch_size": config.batch_size,
         "device": str(next(model.parameters()).device),
         "sites": ["q", "k"],
-        "capture_point": "post-RoPE, before repeat_kv (transformers AttentionInterface)",
+        "capture_point": (
+            "post-RoPE, before repeat_kv (transformers AttentionInterface)"
+            if info["rope"]
+            else "attention kernel input, before repeat_kv (transformers AttentionInterface; no RoPE)"
+        ),
         "reservoir_size": config.reservoir_size,
         "versions": _versions(),
         "dataset": {
@@ -287,6 +319,7 @@ def run_audit(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    checkpoint: Any = None,
 ) -> AuditResult:
     """Load ``model_name`` (alias, hub id, local directory or .gguf) and audit it."""
     from attn_audit.load import load_model
@@ -308,4 +341,5 @@ def run_audit(
         config,
         progress=progress,
         info=loaded.info,
+        checkpoint=checkpoint,
     )

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", help="output directory (default attn-audit-out/<model-slug>)")
     o.add_argument("--format", default="terminal,json,md,html", help="any of terminal,json,md,html (default all)")
     o.add_argument("--force", action="store_true", help="overwrite an existing audit in --out")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint in --out")
+    o.add_argument("--checkpoint-every", type=int, default=16, metavar="N",
+                   help="save a checkpoint every N sequences (default 16)")
     o.add_argument("--no-color", action="store_true", help="plain terminal output")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -187,12 +190,16 @@ def _main(ns: argparse.Namespace) -> int:
         checks.extend(gate.load_policy(ns.policy))
     exports = parse_export_names(ns.export)
     config = None if ns.load else _config(ns)
-    if ns.load and ns.verify:
-        raise ConfigError("--verify needs the model; it cannot be combined with --load")
+    if ns.load and (ns.verify or ns.resume):
+        raise ConfigError("--verify and --resume need the model; they cannot be combined with --load")
+    if ns.resume and ns.force:
+        raise ConfigError("--resume continues a run and --force starts over; pass only one")
+    if ns.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {ns.checkpoint_every} must be at least 1")
     out = Path(ns.out) if ns.out else Path("attn-audit-out") / slug(ns.model or Path(ns.load).parent.name or "audit")
     writes_files = any(f != "terminal" for f in formats) or bool(exports)
     if writes_files:
-        check_out_dir(out, force=ns.force or bool(ns.load), resume=False)
+        check_out_dir(out, force=ns.force or bool(ns.load), resume=ns.resume)
     # ---- run or load ----
     from attn_audit.result import AuditResult
 
@@ -205,12 +212,18 @@ def _main(ns: argparse.Namespace) -> int:
         else:
             ensure_plan(result, PlanConfig())
     else:
-        result = _run(ns, config)
-    return _finish(ns, result, formats, checks, exports, out)
+        result = _run(ns, config, out if writes_files else None)
+    code = _finish(ns, result, formats, checks, exports, out)
+    if not ns.load and writes_files:
+        from attn_audit.checkpoint import Checkpointer
+
+        Checkpointer(out).clear()
+    return code
 
 
-def _run(ns: argparse.Namespace, config: Any) -> Any:
+def _run(ns: argparse.Namespace, config: Any, out: Path | None) -> Any:
     from attn_audit.api import run_audit
+    from attn_audit.checkpoint import Checkpointer
     from attn_audit.data import DataSpec
     from attn_audit.progress import RichProgress
 
@@ -224,6 +237,7 @@ def _run(ns: argparse.Namespace, config: Any) -> Any:
         trust_remote_code=ns.trust_remote_code,
         allow_pickle=ns.allow_pickle,
         progress=progress,
+        checkpoint=Checkpointer(out, ns.checkpoint_every, resume=ns.resume) if out is not None else None,
     )
 
 
