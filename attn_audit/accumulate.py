@@ -81,6 +81,21 @@ class Reservoir:
         self.prio = allp[order]
         self.ids = np.concatenate([self.ids, ids])[order]
 
+    def merge(self, prio: np.ndarray, ids: np.ndarray, data: dict[Any, torch.Tensor]) -> None:
+        """Union with another reservoir, keeping the smallest priorities, ordered by (seq, pos)."""
+        allp = np.concatenate([self.prio, prio])
+        allids = np.concatenate([self.ids, ids])
+        keep = np.argsort(allp, kind="stable")[: self.capacity]
+        keep = keep[np.lexsort((allids[keep, 1], allids[keep, 0]))]
+        for key in set(self.data) | set(data):
+            like = self.data.get(key, data.get(key))
+            assert like is not None
+            mine = self.data.get(key, like.new_zeros((len(self.prio), *like.shape[1:])))
+            theirs = data.get(key, like.new_zeros((len(prio), *like.shape[1:])))
+            self.data[key] = torch.cat([mine, theirs])[torch.from_numpy(keep)]
+        self.prio = allp[keep]
+        self.ids = allids[keep]
+
     def update(self, key: Any, new: torch.Tensor) -> None:
         """Merge ``new`` (n_new, ...) candidates of one layer/site into the sample."""
         assert self._keep is not None
@@ -155,19 +170,19 @@ class Accumulator:
         rows = self._row_index[self._row_index < s]
         self.batch_rows = rows
         valid = self.mask.cpu().numpy()
-        seq_ids = np.arange(seq_start, seq_start + b)[:, None]
         # Q/K token reservoir: thinned positions, sinks excluded (reported apart).
         pos = np.arange(s)[None, :]
         tok_ok = valid & (pos >= self.cfg.sinks) & (pos % self.cfg.thin == 0)
         bi, pi = np.nonzero(tok_ok)
         self._tok_sel = (torch.from_numpy(bi), torch.from_numpy(pi))
-        self.tokens.plan(priorities(self.cfg.seed, bi, pi, salt=1), np.stack([bi + seq_start, pi], 1))
+        self.tokens.plan(priorities(self.cfg.seed, bi + seq_start, pi, salt=1), np.stack([bi + seq_start, pi], 1))
         # row-feature reservoir: measured rows with enough keys
         r = rows.numpy()
         row_ok = valid[:, r]
         bi2, ri2 = np.nonzero(row_ok)
         self._row_sel = (torch.from_numpy(bi2), torch.from_numpy(ri2))
-        self.rows.plan(priorities(self.cfg.seed, bi2, r[ri2], salt=2), np.stack([bi2 + seq_start, r[ri2]], 1))
+        self.rows.plan(priorities(self.cfg.seed, bi2 + seq_start, r[ri2], salt=2),
+                       np.stack([bi2 + seq_start, r[ri2]], 1))
 
     # -- projection hooks (pre-RoPE sites, attention input) -----------------------------------
     def on_projection(self, layer: int, site: str, t: torch.Tensor) -> None:
@@ -325,6 +340,29 @@ class Accumulator:
             prefix = f"{tag}.data."
             res.data = {_key_parse(k[len(prefix):]): torch.from_numpy(np.array(v))
                         for k, v in st.items() if k.startswith(prefix)}
+
+    def merge_state(self, other: dict[str, np.ndarray]) -> None:
+        """Fold another process's :meth:`state` (disjoint sequences of the same run) into this one.
+
+        Counts, sums and histograms add, maxima take the max, reservoirs keep the smallest
+        priorities of the union (so the sample equals the one a single process would keep).
+        """
+        add = ("pos_k", "pos_kfrac", "pos_rows", "seq_k", "seq_kfrac", "seq_ksink", "seq_rows", "tail",
+               "nonfinite_rows", "x_norm_hist")
+        for name in add:
+            getattr(self, name)[...] += other[name]
+        for name in ("max_abs_score", "max_q_norm", "max_k_norm", "scale", "x_norm_max"):
+            arr = getattr(self, name)
+            arr[...] = np.maximum(arr, other[name])
+        self.k_hist += torch.from_numpy(np.array(other["k_hist"]))
+        for name in self.sums:
+            self.sums[name] += other[f"sums.{name}"]
+        self.layers_seen |= set(int(x) for x in other["layers_seen"])
+        for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
+            prefix = f"{tag}.data."
+            data = {_key_parse(k[len(prefix):]): torch.from_numpy(np.array(v))
+                    for k, v in other.items() if k.startswith(prefix)}
+            res.merge(np.array(other[f"{tag}.prio"]), np.array(other[f"{tag}.ids"]), data)
 
     # -- results -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

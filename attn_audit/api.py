@@ -106,19 +106,27 @@ def capture_length(
         reservoir_size=config.reservoir_size,
     )
     acc = Accumulator(info, data.seq_len, len(data.sequences), acc_cfg)
+    from attn_audit import distributed
+
     device = next(model.parameters()).device
     base = getattr(model, "base_model", model)
+    size, rank = distributed.world()
+    lo, hi = distributed.shard(len(data.sequences), size, rank)
+    if size > 1:
+        checkpoint = None  # checkpoints are for single-process runs
+        progress = progress if rank == 0 else NullProgress()
     done = 0
     if checkpoint is not None:
         state = checkpoint.load(data.seq_len)
         if state is not None:
             acc.load_state(state)
             done = checkpoint.done(data.seq_len)
-    progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences))
-    progress.advance(sum(len(s) for s in data.sequences[:done]))
+    progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences[lo:hi]))
+    progress.advance(sum(len(s) for s in data.sequences[lo:done]))
     since_save = 0
     with torch.inference_mode(), capturing(model, acc), projection_hooks(model, info["family"], acc.on_projection):
-        for start, ids, mask in batches(data.sequences, config.batch_size, pad_id):
+        for local, ids, mask in batches(data.sequences[lo:hi], config.batch_size, pad_id):
+            start = lo + local
             if start < done:
                 continue
             acc.begin_batch(start, mask.to(device))
@@ -130,6 +138,12 @@ def capture_length(
                 checkpoint.save(data.seq_len, finished, acc.state())
                 since_save = 0
     progress.finish()
+    if size > 1:
+        states = distributed.gather_states(acc.state())
+        if states is None:
+            return {}
+        for other in states[1:]:
+            acc.merge_state(other)
     summary = acc.summary()
     if len(summary["layers_seen"]) != info["num_layers"]:
         raise CaptureError(
@@ -164,7 +178,8 @@ def audit(
         checkpoint: a :class:`attn_audit.checkpoint.Checkpointer` to save (and resume) progress.
 
     Returns:
-        The :class:`AuditResult` (also renderable and savable).
+        The :class:`AuditResult` (also renderable and savable); under torchrun, None on ranks
+        other than 0 (rank 0 holds the merged result).
     """
     from attn_audit.load import check_family, model_info
 
@@ -203,9 +218,13 @@ def audit(
         from attn_audit.checkpoint import fingerprint
 
         checkpoint.begin(fingerprint(info["name"], info["num_layers"], asdict(config), _hash_all(all_data)))
+    from attn_audit import distributed
+
     summaries = {}
     for td in all_data:
         summaries[td.seq_len] = capture_length(model, info, td, config, pad_id, progress, checkpoint)
+    if distributed.world()[1] != 0:
+        return None  # type: ignore[return-value]  # only rank 0 assembles and writes
     elapsed = time.perf_counter() - t0
     from attn_audit.assemble import assemble
 
@@ -326,6 +345,11 @@ def run_audit(
 
     config = (config or AuditConfig()).validate()
     device = _resolve_device(config.device)
+    from attn_audit import distributed
+
+    size, rank = distributed.init_from_env(device)
+    if size > 1 and device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{rank % max(1, __import__('torch').cuda.device_count())}"
     loaded = load_model(
         model_name,
         revision=revision,

@@ -213,11 +213,20 @@ def _main(ns: argparse.Namespace) -> int:
             ensure_plan(result, PlanConfig())
     else:
         result = _run(ns, config, out if writes_files else None)
+        if result is None:  # a torchrun rank other than 0: rank 0 writes everything
+            from attn_audit.distributed import shutdown
+
+            shutdown()
+            return 0
     code = _finish(ns, result, formats, checks, exports, out)
     if not ns.load and writes_files:
         from attn_audit.checkpoint import Checkpointer
 
         Checkpointer(out).clear()
+    if not ns.load:
+        from attn_audit.distributed import shutdown
+
+        shutdown()
     return code
 
 

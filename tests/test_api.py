@@ -1,0 +1,41 @@
+"""The Python API: audit() on an already-loaded model, save/load/render, and the example runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attn_audit import AuditConfig, AuditResult, audit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_does_not_pull_torch():
+    code = "import attn_audit, attn_audit.result, attn_audit.gate, attn_audit.report, attn_audit.export, attn_audit.rank, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_audit_on_loaded_model_round_trips(tmp_path, minilm):
+    cfg = AuditConfig(seq_lens=(48,), num_sequences=3, reservoir_size=64)
+    result = audit(minilm.model, minilm.tokenizer, ["a few words of text here, " * 40] * 3, cfg, name="mini")
+    assert isinstance(result, AuditResult)
+    assert result.model["name"] == "mini" and result.run["dataset"]["spec"] == "<in-memory texts>"
+    path = result.save(tmp_path / "audit.json")
+    again = AuditResult.load(path)
+    assert again.to_dict() == json.loads(path.read_text())
+    for fmt in ("md", "json", "terminal", "html"):
+        assert len(again.render(fmt)) > 100
+
+
+@pytest.mark.slow
+def test_api_example_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "api_example.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "first to make sparse: L" in proc.stdout
+    assert (tmp_path / "audit.json").is_file()
