@@ -144,6 +144,7 @@ class Accumulator:
         self.tokens = Reservoir(cfg.reservoir_size)
         self.rows = Reservoir(cfg.row_reservoir_size)
         self.layers_seen: set[int] = set()
+        self.row_logits: dict[int, torch.Tensor] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self._row_index = self._choose_rows()
 
@@ -246,9 +247,38 @@ class Accumulator:
             n_keys = int(blk.max()) + 1 if call.is_causal else keys_total
             s = scores(call, blk, n_keys)  # (batch, head, R, keys)
             m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec)
+            if start + step >= len(rows):
+                self._sample_row_logits(layer, s[:, :, -1], int(blk[-1]), mask)
             del s
             feats.append(self._fold(layer, m, blk, mask, q_bad, seq_bad))
         self.rows.update(layer, torch.cat(feats, dim=2)[self._row_sel[0], :, self._row_sel[1]])
+
+    ROW_LOGITS_PER_ROW = 64
+    ROW_LOGITS_CAP = 4096
+
+    def _sample_row_logits(self, layer: int, last: torch.Tensor, pos: int, mask: torch.Tensor) -> None:
+        """Keep standardized bulk logits (sinks and the local window left out) of one row per
+        sequence, up to ``ROW_LOGITS_CAP`` values per head (theory.md §4.5).
+
+        Args:
+            last: (batch, head, keys) scores of the row at position ``pos``.
+        """
+        have = self.row_logits.get(layer)
+        if have is not None and have.shape[1] >= self.ROW_LOGITS_CAP:
+            return
+        keys = torch.arange(last.shape[-1], device=last.device)
+        bulk = (keys >= self.cfg.sinks) & ~((keys > pos - self.cfg.window) & (keys <= pos))
+        vals = last[..., bulk]  # (batch, head, n_bulk)
+        ok = mask[:, pos] & torch.isfinite(vals).all(-1).all(-1)
+        vals = vals[ok]
+        if vals.shape[0] == 0 or vals.shape[-1] < 8:
+            return
+        vals = (vals - vals.mean(-1, keepdim=True)) / vals.std(-1, keepdim=True).clamp_min(1e-12)
+        gen = torch.Generator().manual_seed(int(priorities(self.cfg.seed, np.array([self.seq_start]), np.array([layer]), 3)[0] * 2**31))
+        pick = torch.randperm(vals.shape[-1], generator=gen)[: self.ROW_LOGITS_PER_ROW].to(vals.device)
+        chunk = vals[..., pick].transpose(0, 1).reshape(self.H, -1).cpu().float()  # (head, values)
+        merged = chunk if have is None else torch.cat([have, chunk], dim=1)
+        self.row_logits[layer] = merged[:, : self.ROW_LOGITS_CAP]
 
     def _fold(self, layer: int, m: Any, blk: torch.Tensor, mask: torch.Tensor, q_bad: torch.Tensor,
               seq_bad: torch.Tensor) -> torch.Tensor:
@@ -319,6 +349,8 @@ class Accumulator:
         for name, arr in self.sums.items():
             st[f"sums.{name}"] = arr
         st["layers_seen"] = np.array(sorted(self.layers_seen), dtype=np.int64)
+        for layer, t in self.row_logits.items():
+            st[f"row_logits.{layer}"] = t.numpy()
         for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
             st[f"{tag}.prio"] = res.prio
             st[f"{tag}.ids"] = res.ids
@@ -334,6 +366,8 @@ class Accumulator:
         for name in self.sums:
             self.sums[name][...] = st[f"sums.{name}"]
         self.layers_seen = set(int(x) for x in st["layers_seen"])
+        self.row_logits = {int(k.split(".")[1]): torch.from_numpy(np.array(v))
+                           for k, v in st.items() if k.startswith("row_logits.")}
         for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
             res.prio = np.array(st[f"{tag}.prio"])
             res.ids = np.array(st[f"{tag}.ids"])
@@ -358,6 +392,13 @@ class Accumulator:
         for name in self.sums:
             self.sums[name] += other[f"sums.{name}"]
         self.layers_seen |= set(int(x) for x in other["layers_seen"])
+        for k, v in other.items():  # ranks hold consecutive sequence blocks: append in rank order
+            if k.startswith("row_logits."):
+                layer = int(k.split(".")[1])
+                t = torch.from_numpy(np.array(v))
+                have = self.row_logits.get(layer)
+                both = t if have is None else torch.cat([have, t], dim=1)
+                self.row_logits[layer] = both[:, : self.ROW_LOGITS_CAP]
         for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
             prefix = f"{tag}.data."
             data = {_key_parse(k[len(prefix):]): torch.from_numpy(np.array(v))
@@ -398,6 +439,7 @@ class Accumulator:
             "x_norm_max": self.x_norm_max.copy(),
             "x_norm_p999": np.array([self.x_norm_quantile(l, 0.999) or np.nan for l in range(self.L)]),
             "row_features": rows,
+            "row_logits": {l: t.numpy() for l, t in self.row_logits.items()},
             "row_feature_names": ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid"]
             + [f"k_eps@{e}" for e in self.cfg.eps],
             "rows_sampled": self.sampled,

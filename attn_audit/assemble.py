@@ -32,18 +32,27 @@ def _compact(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def gaussianity_block(sample: np.ndarray, seed: int) -> dict[str, Any]:
-    """Gaussianity summary of one (n, d_head) sample, or a skip reason when too small."""
+def gaussianity_block(sample: np.ndarray, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Gaussianity summary of one (n, d_head) sample and its raw per-coordinate p-values.
+
+    The summary keeps the scalar effect sizes, the verdict and 50 Mahalanobis QQ points; the
+    per-coordinate arrays stay out of audit.json (they would dominate its size).
+    """
     from attn_audit.stats import assess_gaussianity
 
-    sample = sample[np.isfinite(sample).all(axis=1)]
+    sample = sample[np.isfinite(sample).all(axis=1)] if sample.ndim == 2 else sample[np.isfinite(sample)]
     if sample.shape[0] < 32:
-        return {"verdict": "not-assessed", "is_gaussian": None, "n": int(sample.shape[0]),
-                "skipped_reason": "fewer than 32 finite tokens in the sample"}
+        return ({"verdict": "not-assessed", "is_gaussian": None, "n": int(sample.shape[0]),
+                 "skipped_reason": "fewer than 32 finite samples"}, {})
     res = assess_gaussianity(sample.astype(np.float64), seed=seed)
-    block = _compact(res.to_dict())
+    full = res.to_dict()
+    block = {k: v for k, v in full.items()
+             if not k.startswith("coord_") and k not in ("pvalues", "pvalues_bh", "cov_eigenvalues", "thresholds")}
     block["n"] = int(sample.shape[0])
-    return block
+    raw = {t: np.asarray(p, dtype=float) for t, p in (getattr(res, "pvalues", {}) or {}).items()}
+    block["p_min_bh_head"] = {t: _fin(np.nanmin(p)) if np.size(p) and np.isfinite(p).any() else None
+                              for t, p in (getattr(res, "pvalues_bh", {}) or {}).items()}
+    return _compact(block), raw
 
 
 def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], seed: int) -> dict[str, Any]:
@@ -148,6 +157,7 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
         _add_weight_bounds(heads, s, weights, info)
     if len(summaries) > 1:
         _add_scaling(heads, summaries, config)
+    data["theory_summary"] = theory_summary(heads, config)
     result = AuditResult(data=data)
     data["ranking"] = []
     from attn_audit.rank import PlanConfig, build_plan, rank_heads
@@ -156,6 +166,48 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
     rank_heads(result, plan_cfg)
     build_plan(result, plan_cfg)
     return result
+
+
+def theory_summary(heads: list[dict[str, Any]], config: AuditConfig) -> dict[str, Any]:
+    """Does sparsity grow with R? Spearman correlations across heads, with bootstrap intervals.
+
+    A negative correlation between R (or the row spread sigma) and k_eps/n is the theory's
+    "sparser as R grows" (theory.md §5.1). Model-wide and per layer.
+    """
+    from attn_audit import theory
+
+    key = AuditResult(data={"run": {"eps_keys": list(config.eps_keys)}}).primary_eps_key
+    out: dict[str, Any] = {"eps_key": key, "note": "Spearman rho with a 95% bootstrap interval over heads"}
+
+    def pairs(xname: str, recs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for r in recs:
+            x = (r.get("theory", {}).get("sigma_median") if xname == "sigma_median"
+                 else r.get("R", {}).get(xname))
+            y = r["sparsity"][key].get("kfrac_mean")
+            if x is not None and y is not None and np.isfinite(x) and np.isfinite(y):
+                xs.append(x)
+                ys.append(y)
+        return np.array(xs), np.array(ys)
+
+    for xname in ("logit_range", "R_F", "qk_bound", "sigma_median"):
+        x, y = pairs(xname, heads)
+        if len(x) >= 5 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            rho, lo, hi = theory.spearman_with_ci(x, y, seed=config.seed)
+            out[f"spearman_{xname}_kfrac"] = [_fin(rho), _fin(lo), _fin(hi)]
+            per_layer = {}
+            for layer in sorted({r["layer"] for r in heads}):
+                xl, yl = pairs(xname, [r for r in heads if r["layer"] == layer])
+                if len(xl) >= 5 and np.ptp(xl) > 0 and np.ptp(yl) > 0:
+                    per_layer[str(layer)] = [_fin(v) for v in theory.spearman_with_ci(xl, yl, n_boot=200, seed=config.seed)]
+            out[f"spearman_{xname}_kfrac_by_layer"] = per_layer
+    if "spearman_logit_range_kfrac" in out:
+        out["spearman_R_kfrac"] = out["spearman_logit_range_kfrac"]
+    ratios = [r["theory"]["log_ratio_median"].get(key) for r in heads if r.get("theory", {}).get("log_ratio_median")]
+    ratios = [v for v in ratios if v is not None]
+    if ratios:
+        out["log_ratio_median_over_heads"] = float(np.median(ratios))
+    return out
 
 
 def _fin(x: Any) -> float | None:
@@ -173,8 +225,14 @@ SITES = {
 
 
 def _add_gaussianity(heads: list[dict[str, Any]], s: dict[str, Any], config: AuditConfig, group: int) -> None:
-    """Assess every site; a K site is shared by the query heads of its KV group (computed once)."""
-    cache: dict[tuple[str, int, int], dict[str, Any]] = {}
+    """Assess every site; a K site is shared by the query heads of its KV group (computed once).
+
+    Benjamini-Hochberg runs per site and test jointly over all coordinates of all heads; each
+    head records the smallest jointly adjusted p-value and how many coordinates reject at 0.05.
+    """
+    from attn_audit.stats import bh_adjust_joint
+
+    cache: dict[tuple[str, int, int], tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
     for rec in heads:
         l, h, g = rec["layer"], rec["head"], rec["kv_head"]
         block: dict[str, Any] = {}
@@ -185,8 +243,28 @@ def _add_gaussianity(heads: list[dict[str, Any]], s: dict[str, Any], config: Aud
             idx = h if per_query else g
             if (site, l, idx) not in cache:
                 cache[(site, l, idx)] = gaussianity_block(samples[l][:, idx, :], config.seed)
-            block[site] = cache[(site, l, idx)]
+            block[site] = cache[(site, l, idx)][0]
+        logits = s.get("row_logits", {}).get(l)
+        if logits is not None and (("logits", l, h) not in cache):
+            vals = logits[h]
+            cache[("logits", l, h)] = gaussianity_block(vals[np.isfinite(vals)][:, None], config.seed)
+        if ("logits", l, h) in cache:
+            block["row_logits"] = cache[("logits", l, h)][0]
         rec["gaussianity"] = block
+    by_site: dict[tuple[str, str], list[tuple[tuple[str, int, int], np.ndarray]]] = {}
+    for key, (_, raw) in cache.items():
+        for test, p in raw.items():
+            by_site.setdefault((key[0], test), []).append((key, p))
+    for (site, test), items in by_site.items():
+        adjusted = bh_adjust_joint([p for _, p in items])
+        for (key, _), adj in zip(items, adjusted):
+            blk = cache[key][0]
+            finite = adj[np.isfinite(adj)]
+            blk.setdefault("p_min_bh_joint", {})[test] = _fin(finite.min()) if finite.size else None
+            blk.setdefault("rejections_bh_joint_005", {})[test] = int((finite < 0.05).sum())
+    for rec in heads:
+        for site, blk in rec["gaussianity"].items():
+            blk.setdefault("bh_family", "per site and test, all coordinates of all heads")
 
 
 def _add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
