@@ -296,9 +296,13 @@ def _add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
         if l >= len(weights) or not np.isfinite(s["x_norm_max"][l]) or s["x_norm_max"][l] <= 0:
             continue
         wq, wk = weights[l]
+        wq_h, wk_g = wq[h * d:(h + 1) * d], wk[g * d:(g + 1) * d]
+        if not (np.isfinite(wq_h).all() and np.isfinite(wk_g).all()):
+            rec["R"]["note"] = "weight-based R left out: the projection weights hold NaN or inf"
+            continue
         b_p999 = s["x_norm_p999"][l]
         b_max = float(s["x_norm_max"][l])
-        rv = theory.r_variants(wq[h * d:(h + 1) * d], wk[g * d:(g + 1) * d], float(s["scale"][l]),
+        rv = theory.r_variants(wq_h, wk_g, float(s["scale"][l]),
                                b_max, float(b_p999) if np.isfinite(b_p999) else b_max)
         rec["R"].update({
             "W_fro": rv.w_fro, "W_op": rv.w_op, "R_F": rv.r_f_max, "R_F_p999": rv.r_f_p999,
