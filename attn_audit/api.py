@@ -339,6 +339,7 @@ def run_audit(
     allow_pickle: bool = False,
     progress: Progress | None = None,
     checkpoint: Any = None,
+    device_map: str | None = None,
 ) -> AuditResult:
     """Load ``model_name`` (alias, hub id, local directory or .gguf) and audit it."""
     from attn_audit.load import load_model
@@ -357,6 +358,7 @@ def run_audit(
         device=device,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
+        device_map=device_map,
     )
     return audit(
         loaded.model,

@@ -59,7 +59,8 @@ def gaussianity_block(sample: np.ndarray, seed: int) -> tuple[dict[str, Any], di
     return _compact(block), raw
 
 
-def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], seed: int) -> dict[str, Any]:
+def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], seed: int,
+                 sinks: int = 1, window: int = 64) -> dict[str, Any]:
     """Predicted vs measured k_eps over the sampled rows of one head.
 
     Args:
@@ -100,6 +101,12 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
         k_meas = features[ok, col[f"k_eps@{eps}"]]
         k_hat = np.maximum(theory.k_pred_plain(n, sigma, eps), 1.0)
         k_fin = np.maximum(np.minimum(k_grid_all[:, e_idx] * n / n_grid, n), 1.0)
+        # sink- and local-aware: keep S and L whole, the bulk may lose eps / m_B of its own mass
+        n_sl = np.minimum(n, sinks + window)
+        m_b = features[ok, col["bulk_mass"]]
+        k_sink = np.asarray(theory.k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
+        out.setdefault("k_pred_sink_aware", {})[e_key] = float(np.nanmean(k_sink))
+        out.setdefault("sink_aware_covers_share", {})[e_key] = float(np.mean(k_meas <= np.ceil(k_sink) + 1e-9))
         ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
         out["k_pred"][e_key] = float(np.mean(k_hat))
         out["k_pred_finite_n"][e_key] = float(np.mean(k_fin))
@@ -111,7 +118,9 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
             from scipy.stats import spearmanr
 
             out["spearman"][e_key] = float(spearmanr(k_meas, k_fin).statistic)
-    out["prediction"] = "finite-n Monte Carlo from the bulk row spread (theory.md §5.3); k_pred is the plain large-n formula"
+    out["prediction"] = ("k_pred: plain large-n formula n*Phi_c(sigma + Phi^-1(eps)); k_pred_finite_n: Monte Carlo at "
+                         "finite n (log ratios use it); k_pred_sink_aware: sinks and local window kept whole, an "
+                         "upper bound up to the Gaussian approximation (theory.md §5.3); sigma = std of the bulk logits")
     return out
 
 
@@ -321,7 +330,8 @@ def _add_theory(heads: list[dict[str, Any]], s: dict[str, Any], config: AuditCon
         feats = s["row_features"].get(rec["layer"])
         if feats is None:
             continue
-        rec["theory"] = theory_block(feats[:, rec["head"], :], names, list(config.eps_keys), config.seed)
+        rec["theory"] = theory_block(feats[:, rec["head"], :], names, list(config.eps_keys), config.seed,
+                                     config.sinks, config.window)
 
 
 def _add_scaling(heads: list[dict[str, Any]], summaries: dict[int, dict[str, Any]], config: AuditConfig) -> None:

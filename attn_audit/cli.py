@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--revision", help="hub revision (branch, tag or commit)")
     m.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    m.add_argument("--device-map", choices=["auto", "balanced", "sequential"],
+                   help="spread the model over this machine's GPUs with accelerate (combinable with torchrun)")
     m.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
     m.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (refused by default)")
     d = p.add_argument_group("data")
@@ -250,6 +252,7 @@ def _run(ns: argparse.Namespace, config: Any, out: Path | None) -> Any:
         dtype=ns.dtype,
         trust_remote_code=ns.trust_remote_code,
         allow_pickle=ns.allow_pickle,
+        device_map=ns.device_map,
         progress=progress,
         checkpoint=Checkpointer(out, ns.checkpoint_every, resume=ns.resume) if out is not None else None,
     )

@@ -176,8 +176,12 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load ``name`` (alias, hub id, local directory or ``.gguf`` file) for auditing.
+
+    ``device_map`` (e.g. "auto") spreads the layers over the machine's GPUs with accelerate;
+    each layer's captured tensors are then reduced on the device that holds that layer.
 
     Raises:
         ModelLoadError: the model cannot be found, is not cached while offline, or fails to load.
@@ -222,6 +226,7 @@ def load_model(
             dtype=_dtype(dtype),
             attn_implementation="sdpa",
             use_safetensors=None if allow_pickle else True,
+            **({"device_map": device_map} if device_map else {}),
             **kwargs,
         )
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -234,7 +239,7 @@ def load_model(
             ) from None
         raise ModelLoadError(f"cannot load model '{name}': {msg}") from None
     model.eval()
-    if device != "cpu":
+    if device != "cpu" and not device_map:  # with a device map, accelerate placed the layers
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, name, source, revision, trust_remote_code))
 

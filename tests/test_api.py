@@ -39,3 +39,13 @@ def test_api_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "first to make sparse: L" in proc.stdout
     assert (tmp_path / "audit.json").is_file()
+
+
+def test_device_map_auto_loads_and_audits():
+    """accelerate's device map (all layers on the CPU here) goes through the same capture."""
+    from attn_audit.load import load_model
+
+    loaded = load_model("all-minilm-l6-v2", device_map="auto")
+    cfg = AuditConfig(seq_lens=(32,), num_sequences=2, reservoir_size=32)
+    result = audit(loaded.model, loaded.tokenizer, ["words " * 200], cfg, info=loaded.info)
+    assert result.rows_measured > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -116,3 +117,53 @@ def test_random_argument_lists_never_traceback(monkeypatch, capsys, argv):
     except AssertionError:
         code = 0  # valid options got as far as the model: fine
     assert code in (0, 1, 2, 3, 4)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make,code,needle",
+    [
+        (lambda d: _write(d / "d.jsonl", '{"body": "hello there friend"}\n'), 3, "no column 'text'"),
+        (lambda d: _write(d / "ids.jsonl", '{"input_ids": [101, 99999999, 102]}\n'), 3, "outside the vocabulary"),
+        (lambda d: _write(d / "short.txt", "just a few words\n"), 3, "fewer than one sequence"),
+        (lambda d: _write(d / "empty.csv", ""), 3, "is empty"),
+    ],
+)
+def test_dataset_mistakes_through_the_cli(tmp_path, make, code, needle):
+    spec = make(tmp_path)
+    proc = run_cli("all-minilm-l6-v2", "--dataset", spec, "--seq-len", "64", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, code, needle)
+
+
+def test_unwritable_out_and_bad_policy(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli("all-minilm-l6-v2", "--out", str(blocker)), 2, "is a file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # root can write anywhere; the check only bites for users
+        assert_one_line_error(run_cli("all-minilm-l6-v2", "--out", str(ro / "x")), 2, "not writable")
+    pol = tmp_path / "p.toml"
+    pol.write_text("[[check]]\nname = 'x'\nfail_if = 'planned_flops_saving <'\n")
+    assert_one_line_error(run_cli("all-minilm-l6-v2", "--policy", str(pol)), 2, "p.toml")
+    assert_one_line_error(run_cli("all-minilm-l6-v2", "--policy", str(tmp_path / "none.toml")), 2, "none.toml")
+    assert_one_line_error(run_cli("all-minilm-l6-v2", "--resume", "--force"), 2, "only one")
+
+
+def test_load_never_imports_torch(tmp_path):
+    from tests.synthetic import make_result
+
+    path = make_result().save(tmp_path / "audit.json")
+    code = ("import sys; from attn_audit.cli import main; "
+            f"rc = main(['--load', {str(path)!r}, '--format', 'md,json', '--out', {str(tmp_path / 'o')!r}, "
+            "'--fail-if', 'planned_flops_saving < 0.0001', '--export', 'minference,duo']); "
+            "print(rc, 'torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["0", "False", "False"], out.stderr
+    assert (tmp_path / "o" / "report.md").is_file() and (tmp_path / "o" / "minference.json").is_file()

@@ -396,3 +396,37 @@ def verdict_line(result: AuditResult) -> str:
     if share is not None:
         parts.append(f"{fmt_pct(share[0] / share[1], 0)} of heads look Gaussian")
     return " | ".join(parts)
+
+
+def theory_lines(result: AuditResult) -> list[str]:
+    """Plain-text lines of the theory check (empty when the run has no theory summary).
+
+    Verdict counts per site, the R-sparsity correlation across heads and the median
+    log(measured / predicted k); shared by the Markdown and terminal reports.
+    """
+    summary = result.data.get("theory_summary")
+    if not summary:
+        return []
+    lines: list[str] = []
+    counts: dict[str, dict[str, int]] = {}
+    for rec in result.heads:
+        for site, block in (rec.get("gaussianity") or {}).items():
+            verdict = str(block.get("verdict", "?"))
+            counts.setdefault(site, {}).setdefault(verdict, 0)
+            counts[site][verdict] += 1
+    for site in sorted(counts):
+        parts = ", ".join(f"{n} {v}" for v, n in sorted(counts[site].items(), key=lambda kv: -kv[1]))
+        lines.append(f"Gaussianity of {site}: {parts} (head records)")
+    for name, label in (("spearman_logit_range_kfrac", "empirical logit range R_emp"),
+                        ("spearman_R_F_kfrac", "R_F from the weights"),
+                        ("spearman_sigma_median_kfrac", "row logit spread sigma")):
+        val = summary.get(name)
+        if val and val[0] is not None:
+            lo, hi = (fmt_num(v, 2) for v in val[1:3])
+            lines.append(f"Spearman rho({label}, k/n) = {val[0]:.2f} [{lo}, {hi}] across heads "
+                         "(negative: sparser as it grows, as the theory predicts)")
+    ratio = summary.get("log_ratio_median_over_heads")
+    if ratio is not None:
+        lines.append(f"median over heads of log(measured k / finite-n Gaussian k) = {ratio:+.2f} "
+                     f"at eps={summary.get('eps_key')}")
+    return lines

@@ -25,6 +25,7 @@ from attn_audit.report import (
     left_out,
     short_reason,
     sparsity_at,
+    theory_lines,
 )
 
 if TYPE_CHECKING:
@@ -205,5 +206,9 @@ class MarkdownRenderer:
             "",
         ]
         title, table = _plan_rows(result, top)
-        lines += [title, "", *table, "", *_checks(result), "", _footer(result)]
+        lines += [title, "", *table, "", *_checks(result), ""]
+        theory = theory_lines(result)
+        if theory:
+            lines += ["#### Theory check", "", *[f"- {t}" for t in theory], ""]
+        lines += [_footer(result)]
         return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from attn_audit.report import (
     num,
     short_reason,
     sparsity_at,
+    theory_lines,
     verdict_line,
 )
 
@@ -300,6 +301,9 @@ def render_to_console(result: AuditResult, console: Console, top: int = DEFAULT_
     failed = _failed(result)
     if failed is not None:
         parts += [Text(""), failed]
+    theory = theory_lines(result)
+    if theory:
+        parts += [Text(""), Text("Theory check", style="bold"), *[Text(line) for line in theory]]
     console.print(Group(*parts), soft_wrap=False, crop=True)
 
 
