@@ -353,7 +353,9 @@ def _workspace(
     if cache is None:
         cache = _WS.bufs = {}
     numel = math.prod(shape)
-    key = (name, dtype, str(device))
+    # Tensors made under inference_mode cannot be updated in place outside it (and the other
+    # way round costs version counters), so each mode keeps its own buffers.
+    key = (name, dtype, str(device), torch.is_inference_mode_enabled())
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=dtype, device=device)
