@@ -68,9 +68,19 @@ class Reservoir:
         self.capacity = capacity
         self.prio = np.zeros(0)
         self.ids = np.zeros((0, 2), dtype=np.int64)  # (sequence index, position)
-        self.data: dict[Any, torch.Tensor] = {}
+        self.data: dict[Any, torch.Tensor] = {}  # views of the first len(prio) rows of _bufs
+        self._bufs: dict[Any, torch.Tensor] = {}
         self._keep: torch.Tensor | None = None
         self._n_old = 0
+
+    def _store(self, key: Any, t: torch.Tensor) -> None:
+        """Keep ``t`` in a buffer of ``capacity`` rows, allocated (and touched) once, so memory
+        is the same after 16 sequences as after 512."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype:
+            buf = self._bufs[key] = torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype).fill_(0)
+        buf[: t.shape[0]] = t
+        self.data[key] = buf[: t.shape[0]]
 
     def plan(self, prio: np.ndarray, ids: np.ndarray) -> None:
         """Decide which old and new items survive this batch (call before the layers report)."""
@@ -93,7 +103,7 @@ class Reservoir:
             assert like is not None
             mine = self.data.get(key, like.new_zeros((len(self.prio), *like.shape[1:])))
             theirs = data.get(key, like.new_zeros((len(prio), *like.shape[1:])))
-            self.data[key] = torch.cat([mine, theirs])[torch.from_numpy(keep)]
+            self._store(key, torch.cat([mine, theirs])[torch.from_numpy(keep)])
         self.prio = allp[keep]
         self.ids = allids[keep]
 
@@ -103,7 +113,7 @@ class Reservoir:
         new = new.detach().to("cpu", torch.float32)
         old = self.data.get(key)
         both = new if old is None else torch.cat([old, new])
-        self.data[key] = both[self._keep]
+        self._store(key, both[self._keep])
 
 
 class Accumulator:
@@ -377,8 +387,10 @@ class Accumulator:
             res.prio = np.array(st[f"{tag}.prio"])
             res.ids = np.array(st[f"{tag}.ids"])
             prefix = f"{tag}.data."
-            res.data = {_key_parse(k[len(prefix):]): torch.from_numpy(np.array(v))
-                        for k, v in st.items() if k.startswith(prefix)}
+            res.data = {}
+            for k, v in st.items():
+                if k.startswith(prefix):
+                    res._store(_key_parse(k[len(prefix):]), torch.from_numpy(np.array(v)))
 
     def merge_state(self, other: dict[str, np.ndarray]) -> None:
         """Fold another process's :meth:`state` (disjoint sequences of the same run) into this one.

@@ -134,6 +134,7 @@ def capture_length(
             progress.advance(int(mask.sum()))
             since_save += ids.shape[0]
             finished = start + ids.shape[0]
+            _release_freed_memory()
             if checkpoint is not None and (since_save >= checkpoint.every or finished == len(data.sequences)):
                 checkpoint.save(data.seq_len, finished, acc.state())
                 since_save = 0
@@ -309,6 +310,29 @@ def _from_texts(texts: list[str], tokenizer: Any, config: AuditConfig, info: dic
         held_out=held,
         records=("text", texts),
     )
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS after each batch (glibc only).
+
+    The per-block score tensors have many sizes; glibc's allocator otherwise keeps the freed
+    space as fragments and the resident size creeps up with the number of batches.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - probe for glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def _pad_id(tokenizer: Any) -> int:
