@@ -143,8 +143,9 @@ def capture_length(
         states = distributed.gather_states(acc.state())
         if states is None:
             return {}
-        for other in states[1:]:
-            acc.merge_state(other)
+        with torch.inference_mode():  # the reservoir buffers were made in inference mode
+            for other in states[1:]:
+                acc.merge_state(other)
     summary = acc.summary()
     if len(summary["layers_seen"]) != info["num_layers"]:
         raise CaptureError(
