@@ -82,6 +82,7 @@ def capture_length(
     pad_id: int,
     progress: Progress,
     checkpoint: Any = None,
+    last: bool = True,
 ) -> dict[str, Any]:
     """Run the model over one length's sequences and return the accumulator's summary.
 
@@ -135,7 +136,8 @@ def capture_length(
             since_save += ids.shape[0]
             finished = start + ids.shape[0]
             _release_freed_memory()
-            if checkpoint is not None and (since_save >= checkpoint.every or finished == len(data.sequences)):
+            at_end = finished == len(data.sequences)
+            if checkpoint is not None and not (at_end and last) and (since_save >= checkpoint.every or at_end):
                 checkpoint.save(data.seq_len, finished, acc.state())
                 since_save = 0
     progress.finish()
@@ -198,21 +200,18 @@ def audit(
     spec, texts = _data_spec(dataset)
     vocab = getattr(model.config, "vocab_size", None)
     held = config.verify_sequences if config.verify else 0
-    if texts is not None:
-        all_data = _from_texts(texts, tokenizer, config, info, held)
-        spec_text = "<in-memory texts>"
-    else:
-        all_data = build_sequences(
-            spec,
-            tokenizer,
-            config.seq_lens,
-            config.num_sequences,
-            config.seed,
-            encoder=not info["causal"],
-            vocab_size=vocab,
-            held_out=held,
-        )
-        spec_text = spec.spec
+    all_data = build_sequences(
+        spec,
+        tokenizer,
+        config.seq_lens,
+        config.num_sequences,
+        config.seed,
+        encoder=not info["causal"],
+        vocab_size=vocab,
+        held_out=held,
+        records=("text", texts) if texts is not None else None,
+    )
+    spec_text = spec.spec
     pad_id = _pad_id(tokenizer)
     if checkpoint is not None:
         from dataclasses import asdict
@@ -223,8 +222,10 @@ def audit(
     from attn_audit import distributed
 
     summaries = {}
-    for td in all_data:
-        summaries[td.seq_len] = capture_length(model, info, td, config, pad_id, progress, checkpoint)
+    for i, td in enumerate(all_data):
+        # no checkpoint after the final batch of the final length: the audit is written next
+        summaries[td.seq_len] = capture_length(model, info, td, config, pad_id, progress, checkpoint,
+                                               last=i == len(all_data) - 1)
     if distributed.world()[1] != 0:
         return None  # type: ignore[return-value]  # only rank 0 assembles and writes
     elapsed = time.perf_counter() - t0
@@ -298,19 +299,6 @@ def _data_spec(dataset: DataSpec | str | Sequence[str] | None) -> tuple[DataSpec
         return DataSpec(spec=dataset), None
     texts = [t for t in dataset if isinstance(t, str) and t.strip()]
     return DataSpec(spec="<in-memory texts>"), texts
-
-
-def _from_texts(texts: list[str], tokenizer: Any, config: AuditConfig, info: dict[str, Any], held: int) -> list[TokenData]:
-    return build_sequences(
-        DataSpec(spec="<in-memory texts>"),
-        tokenizer,
-        config.seq_lens,
-        config.num_sequences,
-        config.seed,
-        encoder=not info["causal"],
-        held_out=held,
-        records=("text", texts),
-    )
 
 
 def _release_freed_memory() -> None:
