@@ -19,6 +19,8 @@ from attn_audit import rows as rows_mod
 from attn_audit.rows import RowMetrics, RowSpec, reference_row_metrics, row_metrics
 
 NINF = float("-inf")
+BACKENDS = ["cpu", "torch"]  # the compiled CPU kernel and the vectorised torch kernel
+by_backend = pytest.mark.parametrize("backend", BACKENDS)
 FLOAT_ATOL = {
     "tail_mass": 1e-6,
     "entropy": 1e-6,
@@ -157,20 +159,22 @@ def _first_diff(a: torch.Tensor, b: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+@by_backend
 @settings(deadline=None, max_examples=250, suppress_health_check=[HealthCheck.too_slow])
-@given(cases)
-def test_matches_reference(c: dict) -> None:
+@given(c=cases)
+def test_matches_reference(c: dict, backend: str) -> None:
     s, q, spec = build(c)
-    fast = row_metrics(s, q, spec, chunk_elems=c["chunk"])
+    fast = row_metrics(s, q, spec, chunk_elems=c["chunk"], backend=backend)
     ref = reference_row_metrics(s, q, spec)
     assert_matches(fast, ref)
 
 
+@by_backend
 @settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
-@given(cases)
-def test_invariants(c: dict) -> None:
+@given(c=cases)
+def test_invariants(c: dict, backend: str) -> None:
     s, q, spec = build(c)
-    m = row_metrics(s, q, spec)
+    m = row_metrics(s, q, spec, backend=backend)
     n = m.n_keys
     ok = n > 0
     k = m.k_eps
@@ -196,14 +200,15 @@ def test_invariants(c: dict) -> None:
     assert (tm[..., ob][..., 1:] <= tm[..., ob][..., :-1] + 1e-12).all()
 
 
+@by_backend
 @settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
-@given(cases, st.integers(0, 2**31 - 1))
-def test_key_permutation_invariance(c: dict, pseed: int) -> None:
+@given(c=cases, pseed=st.integers(0, 2**31 - 1))
+def test_key_permutation_invariance(c: dict, pseed: int, backend: str) -> None:
     """k_eps depends only on the multiset of allowed scores, not on key positions."""
     s, q, spec = build(c)
     perm = torch.randperm(s.shape[-1], generator=torch.Generator().manual_seed(pseed))
-    a = row_metrics(s, q, spec).k_eps
-    b = row_metrics(s[..., perm].contiguous(), q, spec).k_eps
+    a = row_metrics(s, q, spec, backend=backend).k_eps
+    b = row_metrics(s[..., perm].contiguous(), q, spec, backend=backend).k_eps
     assert torch.equal(a, b)
 
 
@@ -212,14 +217,15 @@ def test_key_permutation_invariance(c: dict, pseed: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+@by_backend
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 20, 100, 128, 1000, 1024, 3000])
-def test_uniform_rows(n: int) -> None:
+def test_uniform_rows(n: int, backend: str) -> None:
     """Exactly uniform rows: k = ceil((1 - eps) n) up to the reference's float64 rounding."""
     eps = (0.01, 0.05, 0.1, 0.2, 0.25, 0.5, 0.3, 0.7, 0.9)
     spec = RowSpec(eps=eps, budgets=(1, 16, 256), sinks=1, window=4)
     s = torch.full((2, 3, n), 1.5)
     q = torch.arange(3) + n
-    m = row_metrics(s, q, spec)
+    m = row_metrics(s, q, spec, backend=backend)
     ref = reference_row_metrics(s, q, spec)
     assert_matches(m, ref)
     expect = torch.tensor([math.ceil((1 - e) * n - 1e-9) for e in eps])
@@ -230,13 +236,14 @@ def test_uniform_rows(n: int) -> None:
     torch.testing.assert_close(m.participation, torch.full_like(m.participation, float(n)))
 
 
+@by_backend
 @pytest.mark.parametrize("gap", [20.0, 40.0, 100.0, 1e4])
-def test_one_hot_rows(gap: float) -> None:
+def test_one_hot_rows(gap: float, backend: str) -> None:
     n = 500
     s = torch.zeros(1, 4, n)
     s[0, torch.arange(4), torch.tensor([0, 7, 250, 499])] = gap
     spec = RowSpec(eps=(0.001, 0.01, 0.5), budgets=(1, 2, 300), sinks=1)
-    m = row_metrics(s, torch.arange(4) + 600, spec)
+    m = row_metrics(s, torch.arange(4) + 600, spec, backend=backend)
     assert (m.k_eps == 1).all()
     assert_matches(m, reference_row_metrics(s, torch.arange(4) + 600, spec))
     # the row whose hot key is the sink needs only the sink when it is forced in
@@ -244,13 +251,14 @@ def test_one_hot_rows(gap: float) -> None:
     assert (m.k_eps_sinks[0, 1:] == 2).all()
 
 
-def test_single_key_and_empty_rows() -> None:
+@by_backend
+def test_single_key_and_empty_rows(backend: str) -> None:
     s = torch.full((2, 3, 6), NINF)
     s[0, 0, 3] = 2.0
     s[1, 2, 0] = -5.0
     s[1, 1, 1:3] = torch.tensor([0.5, 0.5])
     spec = RowSpec(eps=(0.05, 0.5), budgets=(1, 4))
-    m = row_metrics(s, torch.arange(3) + 5, spec)
+    m = row_metrics(s, torch.arange(3) + 5, spec, backend=backend)
     ref = reference_row_metrics(s, torch.arange(3) + 5, spec)
     assert_matches(m, ref)
     assert m.n_keys.tolist() == [[1, 0, 0], [0, 2, 1]]
@@ -261,20 +269,22 @@ def test_single_key_and_empty_rows() -> None:
     assert m.k_eps_sinks[1, 2].tolist() == [1, 1]  # the only key is the sink
 
 
-def test_fallback_path_equals_reference() -> None:
+@by_backend
+def test_fallback_path_equals_reference(backend: str) -> None:
     """The exact sort-based fallback (used for ambiguous rows) is the reference itself."""
     s, q = make_scores(3, 2, 30, 200, "ties", 1.0, "causal", 2.0)
     spec = RowSpec(eps=(0.01, 0.1, 0.5), budgets=(4, 64))
-    a = row_metrics(s, q, spec, _force_fallback=True)
+    a = row_metrics(s, q, spec, _force_fallback=True, backend=backend)
     assert_matches(a, reference_row_metrics(s, q, spec))
 
 
+@by_backend
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_other_dtypes(dtype: torch.dtype) -> None:
+def test_other_dtypes(dtype: torch.dtype, backend: str) -> None:
     s, q = make_scores(5, 2, 25, 150, "qk", 1.5, "causal", 4.0)
     s = s.to(dtype)
     spec = RowSpec(eps=(0.01, 0.05, 0.1))
-    assert_matches(row_metrics(s, q, spec), reference_row_metrics(s, q, spec))
+    assert_matches(row_metrics(s, q, spec, backend=backend), reference_row_metrics(s, q, spec))
 
 
 def test_argument_checks() -> None:
@@ -288,11 +298,12 @@ def test_argument_checks() -> None:
         row_metrics(torch.zeros(1, 2, 3), torch.arange(3), RowSpec(eps=(0.1,)))
 
 
-def test_zero_sized_inputs() -> None:
+@by_backend
+def test_zero_sized_inputs(backend: str) -> None:
     spec = RowSpec(eps=(0.1,), budgets=(2,))
-    m = row_metrics(torch.zeros(2, 0, 5), torch.zeros(0, dtype=torch.int64), spec)
+    m = row_metrics(torch.zeros(2, 0, 5), torch.zeros(0, dtype=torch.int64), spec, backend=backend)
     assert m.k_eps.shape == (2, 0, 1) and m.tail_mass.shape == (2, 0, 1)
-    m = row_metrics(torch.zeros(1, 3, 0), torch.arange(3), spec)
+    m = row_metrics(torch.zeros(1, 3, 0), torch.arange(3), spec, backend=backend)
     assert (m.n_keys == 0).all() and (m.k_eps == 0).all()
 
 
@@ -316,10 +327,11 @@ def realistic_block(
     return s.contiguous(), q_pos
 
 
-def test_large_realistic_block_exact() -> None:
+@by_backend
+def test_large_realistic_block_exact(backend: str) -> None:
     s, q = realistic_block(9, 512, 2048)
     spec = RowSpec(eps=(0.01, 0.05, 0.1, 0.2))
-    fast = row_metrics(s, q, spec)
+    fast = row_metrics(s, q, spec, backend=backend)
     ref = reference_row_metrics(s, q, spec)
     assert_matches(fast, ref)
 

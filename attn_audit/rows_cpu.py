@@ -1,0 +1,499 @@
+"""The CPU kernel of :func:`attn_audit.rows.row_metrics`, compiled with numba.
+
+One pass per query row computes everything :class:`~attn_audit.rows.RowMetrics` holds,
+without sorting the row (theory.md sections 2 and 8):
+
+1. max, min and count of the allowed keys (``-inf`` = masked), and the last allowed column
+   (causal rows stop there);
+2. ``d = s - max`` in float64, ``e = exp(d)`` with a vectorised exp (:func:`_exp_neg`,
+   at most 2 ulp from the correctly rounded value), the row sums (mass, sum e^2, sum e d,
+   sum d, sum d^2) and a bin index ``floor(-d / w)`` per key: about n/4 bins spread over the
+   row's logit range (capped at ``ln n + 16`` nats); keys further down share an overflow
+   bin. The bin index is monotone in the score, so bins are contiguous in the descending
+   order;
+3. a histogram of bin masses and counts (one scatter pass);
+4. per target (each eps; each eps with the sinks forced in; each top-k budget) the prefix
+   sums locate the boundary bin, whose few keys are gathered and sorted: the count inside
+   the bin is exact.
+
+Every mass decision compares float64 sums with a threshold; when the two are closer than a
+rigorous rounding margin (``_MARGIN_ULPS * (n + 8)`` units of 2^-53 of the row mass, which
+covers this kernel's and the reference's own rounding), the row is flagged and the caller
+recomputes it with the sort-based reference, so ``k_eps`` and ``k_eps_sinks`` always equal
+:func:`~attn_audit.rows.reference_row_metrics` exactly. Rows are split over threads
+(``nogil`` kernels driven from a thread pool).
+
+The kernel is compiled on first use and cached on disk by numba (a few seconds once).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+__all__ = ["rows_kernel", "FLT_NAMES"]
+
+_FM = {"nsz", "arcp", "contract", "reassoc"}
+"""Fast-math flags of the streaming loops: reassociation lets LLVM vectorise the sums. No
+``nnan`` / ``ninf``: masked keys are -inf."""
+
+_CLAMP = -300.0
+"""Floor of the exp() argument: e^-300 and its square are normal float64 numbers (no slow
+subnormal arithmetic); keys further down carry less than n * 5e-131 of the mass."""
+
+_CAP_NATS = 16.0
+_MARGIN_ULPS = 8.0
+_U64 = 2.0**-53
+
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: k * _LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e00
+
+# layout of the per-row output arrays
+N_INT = 2  # ints[:, 0] = n_keys, ints[:, 1] = n_bulk (k_eps / k_eps_sinks have their own arrays)
+FLT_NAMES = ("participation", "entropy", "sink_mass", "local_mass", "bulk_mass", "bulk_mean",
+             "bulk_std", "max_score", "max_abs_score")
+N_FLT = len(FLT_NAMES)
+
+
+@intrinsic
+def _i64_as_f64(typingctx, x):  # type: ignore[no-untyped-def]
+    """Reinterpret the bits of an int64 as a float64 (vectorises, unlike a table lookup)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@numba.njit(fastmath={"contract"}, cache=True)
+def _exp_neg(d: float) -> float:
+    """exp(d) for d in [-700, 0], within 2 ulp.
+
+    Cody-Waite reduction d = k ln2 + r (|r| <= ln2 / 2, exact with fdlibm's split), degree-13
+    Taylor polynomial of e^r (truncation < 2^-56), scaled by 2^k built from its bits. No
+    reassociation here: it would undo the exact reduction.
+    """
+    k = np.rint(d * _INV_LN2)
+    r = d - k * _LN2_HI
+    r = r - k * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return p * _i64_as_f64((np.int64(k) + 1023) << 52)
+
+
+@numba.njit(fastmath=_FM, cache=True)
+def _scan(x, n):  # type: ignore[no-untyped-def]
+    """Row max, min over allowed keys, allowed count and 1 + last allowed column."""
+    ln = n
+    while ln > 0 and x[ln - 1] == -np.inf:  # masked tail (causal rows)
+        ln -= 1
+    mx = -np.inf
+    mn = np.inf
+    cnt = 0
+    for j in range(ln):
+        v = x[j]
+        a = v > -np.inf
+        mx = max(mx, v)
+        mn = min(mn, v if a else np.inf)
+        cnt += 1 if a else 0
+    return np.float64(mx), np.float64(mn), cnt, ln
+
+
+@numba.njit(fastmath=_FM, cache=True)
+def _stream(x, ln, mx, inv_w, nb, e, bins):  # type: ignore[no-untyped-def]
+    """Masses e (float64, 0 on masked keys), bins (nb + 1 = masked) and the row sums."""
+    z = 0.0
+    s2 = 0.0
+    sed = 0.0
+    s1 = 0.0
+    s11 = 0.0
+    fnb = np.float64(nb)
+    for j in range(ln):
+        v = x[j]
+        a = v > -np.inf
+        d = np.float64(v) - mx
+        dd = d if a else 0.0
+        ev = _exp_neg(max(dd, _CLAMP)) if a else 0.0
+        e[j] = ev
+        z += ev
+        s2 += ev * ev
+        sed += ev * dd
+        s1 += dd
+        s11 += dd * dd
+        bins[j] = np.int32(min(-dd * inv_w, fnb)) if a else nb + 1
+    return z, s2, sed, s1, s11
+
+
+@numba.njit(cache=True)
+def _histogram(e, bins, ln, hm, hc):  # type: ignore[no-untyped-def]
+    hm[:] = 0.0
+    hc[:] = 0
+    for j in range(ln):
+        b = bins[j]
+        hm[b] += e[j]
+        hc[b] += 1
+
+
+@numba.njit(cache=True)
+def _search_mass(cm, nb, target):  # type: ignore[no-untyped-def]
+    """First bin b with cm[b + 1] >= target (nb + 1 if none); cm are prefix masses."""
+    lo = 0
+    hi = nb + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cm[mid + 1] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@numba.njit(cache=True)
+def _sort_small(a, lo, hi):  # type: ignore[no-untyped-def]
+    """Sort a[lo:hi] ascending in place: insertion sort for the usual few keys of a bin."""
+    if hi - lo > 32:
+        a[lo:hi].sort()
+        return
+    for u in range(lo + 1, hi):
+        v = a[u]
+        w = u - 1
+        while w >= lo and a[w] > v:
+            a[w + 1] = a[w]
+            w -= 1
+        a[w + 1] = v
+
+
+@numba.njit(cache=True)
+def _sinks_below(e, bins, s0, b):  # type: ignore[no-untyped-def]
+    """Mass and count of the sink keys (columns < s0, allowed) in bins < b."""
+    m = 0.0
+    c = 0
+    for j in range(s0):
+        if bins[j] < b:
+            m += e[j]
+            c += 1
+    return m, c
+
+
+@numba.njit(cache=True)
+def _search_ns(cm, nb, target, e, bins, s0):  # type: ignore[no-untyped-def]
+    """First bin b whose non-sink prefix mass through b reaches target (nb + 1 if none)."""
+    lo = 0
+    hi = nb + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cm[mid + 1] - _sinks_below(e, bins, s0, mid + 1)[0] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@numba.njit(cache=True)
+def _count_in_bin(seg, start, target, tol, skip, n_skip, used):  # type: ignore[no-untyped-def]
+    """Smallest t >= 1 with start + (the t largest values of seg) >= target, and whether the
+    decision is clear of the rounding margin (False: the caller recomputes the row).
+
+    seg is sorted ascending; the values skip[:n_skip] (sink keys of this bin, for the
+    non-sink family) are passed over once each (used: scratch flags, at least n_skip).
+    """
+    acc = start
+    if target - acc <= tol:
+        return 1, False
+    used[:n_skip] = False
+    t = 0
+    for u in range(seg.shape[0] - 1, -1, -1):
+        v = seg[u]
+        hit = False
+        for w in range(n_skip):
+            if not used[w] and skip[w] == v:
+                used[w] = True
+                hit = True
+                break
+        if hit:
+            continue
+        t += 1
+        acc += v
+        if acc >= target:
+            prev = acc - v
+            return t, (acc - target > tol) and (target - prev > tol)
+    return max(t, 1), False
+
+
+@numba.njit(fastmath=_FM, cache=True)
+def _region_sums(e, x, mx, j0, j1):  # type: ignore[no-untyped-def]
+    """Mass, allowed count, sum d and sum d^2 over columns [j0, j1)."""
+    m = 0.0
+    c = 0
+    sd = 0.0
+    sdd = 0.0
+    for j in range(j0, j1):
+        v = x[j]
+        if v > -np.inf:
+            d = np.float64(v) - mx
+            m += e[j]
+            c += 1
+            sd += d
+            sdd += d * d
+    return m, c, sd, sdd
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows(x, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb, dcap,
+          ints, k_all, k_ns, tail, flt, redo):  # type: ignore[no-untyped-def]
+    """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head]."""
+    n = x.shape[1]
+    n_eps = eps.shape[0]
+    n_bud = budgets.shape[0]
+    e = np.empty(n)
+    bins = np.empty(n, np.int32)
+    hm = np.empty(nb + 2)
+    hc = np.empty(nb + 2, np.int64)
+    cm = np.empty(nb + 2)  # cm[b] = mass of bins < b
+    cc = np.empty(nb + 2, np.int64)  # cc[b] = keys in bins < b
+    slot = np.full(nb + 2, -1, np.int64)  # segment of a boundary bin, -1 elsewhere
+    seg_bin = np.empty(n_eps * 2 + n_bud, np.int64)
+    seg_off = np.empty(n_eps * 2 + n_bud + 1, np.int64)
+    seg_pos = np.empty(n_eps * 2 + n_bud, np.int64)
+    gv = np.empty(n)
+    skip = np.empty(max(sinks, 1))
+    used = np.empty(max(sinks, 1), np.bool_)
+    b_all = np.empty(n_eps, np.int64)
+    b_ns = np.empty(n_eps, np.int64)
+    b_bd = np.empty(n_bud, np.int64)
+    for i in range(row0, row1):
+        xr = x[i]
+        q = q_pos[i % n_rows_per_head]
+        mx, mn, cnt, ln = _scan(xr, n)
+        ints[i, 0] = cnt
+        if cnt == 0:
+            ints[i, 1] = 0
+            for t in range(n_eps):
+                k_all[i, t] = 0
+                k_ns[i, t] = 0
+            for t in range(n_bud):
+                tail[i, t] = np.nan
+            for t in range(9):
+                flt[i, t] = np.nan
+            flt[i, 7] = -np.inf
+            flt[i, 8] = -np.inf
+            redo[i] = False
+            continue
+        span = min(mx - mn, dcap)
+        inv_w = nb / span if span > 0.0 else 0.0
+        z, s2, sed, s1, s11 = _stream(xr, ln, mx, inv_w, nb, e, bins)
+        _histogram(e, bins, ln, hm, hc)
+        tol = _MARGIN_ULPS * (ln + 8) * _U64 * z
+        # sink and local-window regions (sinks: columns < s0; local: (q - window, q])
+        s0 = min(sinks, ln)
+        m_s, n_s, d_s, dd_s = _region_sums(e, xr, mx, 0, s0)
+        l0 = max(s0, q - window + 1)
+        l1 = min(q + 1, ln)
+        m_l, n_l, d_l, dd_l = _region_sums(e, xr, mx, l0, max(l0, l1))
+        n_b = cnt - n_s - n_l
+        ints[i, 1] = n_b
+        flt[i, 0] = z * z / s2
+        flt[i, 1] = math.log(z) - sed / z
+        flt[i, 2] = m_s / z
+        flt[i, 3] = m_l / z
+        flt[i, 4] = max((z - m_s - m_l) / z, 0.0)
+        if n_b >= 2:
+            mean_d = (s1 - d_s - d_l) / n_b
+            var = max((s11 - dd_s - dd_l) / n_b - mean_d * mean_d, 0.0)
+            flt[i, 5] = mx + mean_d
+            flt[i, 6] = math.sqrt(var)
+        else:
+            flt[i, 5] = np.nan
+            flt[i, 6] = np.nan
+        flt[i, 7] = mx
+        flt[i, 8] = max(abs(mx), abs(mn))
+        # prefix sums over bins (the masked bin nb + 1 is never part of them)
+        cm[0] = 0.0
+        cc[0] = 0
+        for b in range(nb + 1):
+            cm[b + 1] = cm[b] + hm[b]
+            cc[b + 1] = cc[b] + hc[b]
+        # boundary bin of every target
+        bad = False
+        for t in range(n_eps):
+            thr = (1.0 - eps[t]) * z
+            b_all[t] = _search_mass(cm, nb, thr)
+            if m_s - thr > tol:
+                b_ns[t] = -2  # the sinks alone reach the target: k = |S|
+            elif thr - m_s <= tol:
+                b_ns[t] = -2
+                bad = True
+            else:
+                b_ns[t] = _search_ns(cm, nb, thr - m_s, e, bins, s0)
+            if b_all[t] > nb or b_ns[t] > nb:
+                bad = True
+        for t in range(n_bud):
+            bb = min(budgets[t], cnt)
+            b_bd[t] = -1
+            if bb < cnt:
+                lo = 0
+                hi = nb + 1
+                while lo < hi:  # first bin with cc[b + 1] >= bb
+                    mid = (lo + hi) // 2
+                    if cc[mid + 1] >= bb:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                b_bd[t] = lo
+        if bad:
+            redo[i] = True
+            continue
+        # gather the keys of the boundary bins, one contiguous segment per bin
+        n_seg = 0
+        seg_off[0] = 0
+        for t in range(2 * n_eps + n_bud):
+            if t < n_eps:
+                b = b_all[t]
+            elif t < 2 * n_eps:
+                b = b_ns[t - n_eps]
+            else:
+                b = b_bd[t - 2 * n_eps]
+                if b >= nb:
+                    b = -1  # the overflow bin is bounded, not resolved (below)
+            if b >= 0 and slot[b] < 0:
+                slot[b] = n_seg
+                seg_bin[n_seg] = b
+                seg_pos[n_seg] = seg_off[n_seg]
+                seg_off[n_seg + 1] = seg_off[n_seg] + hc[b]
+                n_seg += 1
+        for j in range(ln):
+            k = slot[bins[j]]
+            if k >= 0:
+                gv[seg_pos[k]] = e[j]
+                seg_pos[k] += 1
+        for k in range(n_seg):
+            _sort_small(gv, seg_off[k], seg_off[k + 1])
+        ok_all = True
+        for t in range(n_eps):
+            thr = (1.0 - eps[t]) * z
+            b = b_all[t]
+            k = slot[b]
+            c, ok = _count_in_bin(gv[seg_off[k] : seg_off[k + 1]], cm[b], thr, tol, skip, 0, used)
+            k_all[i, t] = min(cc[b] + c, cnt)
+            ok_all = ok_all and ok
+            if b_ns[t] == -2:
+                k_ns[i, t] = n_s
+                continue
+            b = b_ns[t]
+            k = slot[b]
+            m_below, c_below = _sinks_below(e, bins, s0, b)
+            n_skip = 0
+            for j in range(s0):
+                if bins[j] == b:
+                    skip[n_skip] = e[j]
+                    n_skip += 1
+            c, ok = _count_in_bin(gv[seg_off[k] : seg_off[k + 1]], m_s + cm[b] - m_below, thr,
+                                  tol, skip, n_skip, used)
+            k_ns[i, t] = n_s + min(cc[b] - c_below + c, cnt - n_s)
+            ok_all = ok_all and ok
+        for t in range(n_bud):
+            b = b_bd[t]
+            if b < 0:
+                tail[i, t] = 0.0
+                continue
+            need = min(budgets[t], cnt) - cc[b]
+            if b >= nb:
+                # overflow bin: all its keys lie more than dcap nats below the max, together
+                # < n e^-(ln n + 16) = 1.1e-7 of the mass; take the mean share
+                top = cm[b] + hm[b] * need / max(hc[b], 1)
+            else:
+                k = slot[b]
+                top = cm[b]
+                for u in range(seg_off[k + 1] - 1, seg_off[k + 1] - 1 - need, -1):
+                    top += gv[u]
+            tail[i, t] = max(1.0 - top / z, 0.0)
+        for k in range(n_seg):
+            slot[seg_bin[k]] = -1
+        redo[i] = not ok_all
+
+
+def _num_bins(n: int) -> int:
+    """Histogram bins for rows of length n: about n/4, between 64 and 4096."""
+    return int(min(4096, max(64, n // 4)))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != threads:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="attn-audit-rows")
+        _POOL_SIZE = threads
+    return _POOL
+
+
+def rows_kernel(
+    x: np.ndarray,
+    q_pos: np.ndarray,
+    rows_per_head: int,
+    eps: tuple[float, ...],
+    budgets: tuple[int, ...],
+    sinks: int,
+    window: int,
+    threads: int = 1,
+) -> dict[str, np.ndarray]:
+    """Per-row metrics of x (rows, n), float32 or float64 C-contiguous, ``-inf`` = masked.
+
+    Row i is query position ``q_pos[i % rows_per_head]`` (q_pos: int64 (rows_per_head,)).
+    Returns numpy arrays with leading dimension ``rows``: ``n_keys``, ``n_bulk`` (int64),
+    ``k_eps``, ``k_eps_sinks`` (int64 (rows, E)), ``tail_mass`` (float64 (rows, B)), the
+    float64 fields named in :data:`FLT_NAMES`, and ``redo`` (bool: rows the caller must
+    recompute with the sort-based reference).
+    """
+    rows, n = x.shape
+    nb = _num_bins(n)
+    dcap = min(math.log(max(n, 2)) + _CAP_NATS, 40.0)
+    ints = np.empty((rows, N_INT), np.int64)
+    k_all = np.empty((rows, len(eps)), np.int64)
+    k_ns = np.empty((rows, len(eps)), np.int64)
+    tail = np.empty((rows, len(budgets)), np.float64)
+    flt = np.empty((rows, N_FLT), np.float64)
+    redo = np.zeros(rows, np.bool_)
+    eps_a = np.asarray(eps, dtype=np.float64)
+    bud_a = np.asarray(budgets, dtype=np.int64)
+    q = np.ascontiguousarray(q_pos, dtype=np.int64)
+    args = (x, q, rows_per_head)
+    rest = (eps_a, bud_a, int(sinks), int(window), nb, dcap, ints, k_all, k_ns, tail, flt, redo)
+    threads = max(1, min(threads, rows // 64 or 1))
+    if threads == 1 or rows == 0:
+        _rows(*args, 0, rows, *rest)
+    else:
+        step = -(-rows // threads)
+        futures = [_pool(threads).submit(_rows, *args, a, min(rows, a + step), *rest)
+                   for a in range(0, rows, step)]
+        for f in futures:
+            f.result()
+    out = {"n_keys": ints[:, 0], "n_bulk": ints[:, 1], "k_eps": k_all, "k_eps_sinks": k_ns,
+           "tail_mass": tail, "redo": redo}
+    for j, name in enumerate(FLT_NAMES):
+        out[name] = flt[:, j]
+    return out
