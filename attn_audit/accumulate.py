@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from attn_audit.capture import AttentionCall, scores
-from attn_audit.rows import RowSpec, row_metrics
+from attn_audit.rows import RowMetrics, RowSpec, row_metrics
 
 _MASK64 = (1 << 64) - 1
 
@@ -234,13 +234,19 @@ class Accumulator:
         mask = self.mask.to(q.device)
         b = q.shape[0]
         # non-finite tokens (fp16 overflow, broken weights): count, zero, and drop their rows
-        q_bad = ~torch.isfinite(q).all(-1)  # (batch, head, pos)
-        k_bad = ~torch.isfinite(k).all(-1) & mask[:, None, :]
+        # (a token's norm is non-finite iff one of its coordinates is, or |x| > 1e19 overflows
+        # float32 squares: such a token is broken either way)
+        qn = q.float().norm(dim=-1)  # (batch, head, pos)
+        kn = k.float().norm(dim=-1)
+        q_bad = ~torch.isfinite(qn)
+        k_bad = ~torch.isfinite(kn) & mask[:, None, :]
         if bool(q_bad.any()) or bool(k_bad.any()):
             call = _sanitised(call)
             q, k = call.query, call.key
-        qn = q.float().norm(dim=-1).masked_fill(~mask[:, None, :], 0)
-        kn = k.float().norm(dim=-1).masked_fill(~mask[:, None, :], 0)
+            qn = q.float().norm(dim=-1)
+            kn = k.float().norm(dim=-1)
+        qn = qn.masked_fill(~mask[:, None, :], 0)
+        kn = kn.masked_fill(~mask[:, None, :], 0)
         self.max_q_norm[layer] = np.maximum(self.max_q_norm[layer], qn.amax(dim=(0, 2)).cpu().numpy())
         self.max_k_norm[layer] = np.maximum(self.max_k_norm[layer], kn.amax(dim=(0, 2)).cpu().numpy())
         bi, pi = self._tok_sel
@@ -256,17 +262,20 @@ class Accumulator:
             # causal rows only see keys up to their own position: small row blocks with keys cut
             # at the block's last row skip most of the masked upper triangle (~45% of the work)
             step = min(step, self.cfg.causal_block_rows)
-        feats = []
+        parts = []
         for start in range(0, len(rows), step):
             blk = rows[start : start + step]
             n_keys = int(blk.max()) + 1 if call.is_causal else keys_total
             s = scores(call, blk, n_keys)  # (batch, head, R, keys)
-            m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec)
+            parts.append(row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec))
             if start + step >= len(rows):
                 self._sample_row_logits(layer, s[:, :, -1], int(blk[-1]), mask)
             del s
-            feats.append(self._fold(layer, m, blk, mask, q_bad, seq_bad))
-        self.rows.update(layer, torch.cat(feats, dim=2)[self._row_sel[0], :, self._row_sel[1]])
+        # one fold per layer call: the per-row metrics of all blocks side by side (G, rows, ...)
+        m = parts[0] if len(parts) == 1 else RowMetrics(**{
+            f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in parts[0].to_dict()})
+        feats = self._fold(layer, m, rows, mask, q_bad, seq_bad)
+        self.rows.update(layer, feats[self._row_sel[0], :, self._row_sel[1]])
 
     ROW_LOGITS_PER_ROW = 64
     ROW_LOGITS_CAP = 4096
@@ -326,11 +335,13 @@ class Accumulator:
         self.seq_ksink[sl, layer] += (m.k_eps_sinks.view(b, H, R, E).double() * vE).sum(2).cpu().numpy()
         self.seq_rows[sl, layer] += valid.sum(2).cpu().numpy()
         # by position: log2 bins of n_i
-        pbin = torch.floor(torch.log2(nd)).long().clamp(0, self.nbins - 1)
-        onehot = torch.nn.functional.one_hot(pbin, self.nbins).double() * vf[..., None]  # (b,H,R,bins)
-        self.pos_rows[layer] += onehot.sum(dim=(0, 2)).long().cpu().numpy()
-        self.pos_k[layer] += torch.einsum("bhre,bhrn->hen", k_eps.double(), onehot).cpu().numpy()
-        self.pos_kfrac[layer] += torch.einsum("bhre,bhrn->hen", kfrac, onehot).cpu().numpy()
+        pbin = torch.floor(torch.log2(nd)).long().clamp(0, self.nbins - 1)  # (b, H, R)
+        hb = (torch.arange(H, device=pbin.device).view(1, H, 1) * self.nbins + pbin)[valid]  # valid rows
+        self.pos_rows[layer] += torch.bincount(hb, minlength=H * self.nbins).view(H, self.nbins).cpu().numpy()
+        heb = (hb[:, None] // self.nbins * E + e_idx.view(1, E)) * self.nbins + (hb % self.nbins)[:, None]
+        for acc, val in ((self.pos_k, k_eps.double()[valid]), (self.pos_kfrac, kfrac[valid])):
+            acc[layer] += torch.bincount(heb.flatten(), weights=val.flatten(),
+                                         minlength=H * E * self.nbins).view(H, E, self.nbins).cpu().numpy()
         nb = len(self.cfg.budgets)
         tail = m.tail_mass.view(b, H, R, nb).double().nan_to_num(0.0)
         self.tail[layer] += (tail * vf[..., None]).sum(dim=(0, 2)).cpu().numpy()
