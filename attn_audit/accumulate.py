@@ -158,6 +158,8 @@ class Accumulator:
         self.row_logits: dict[int, torch.Tensor] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self._row_index = self._choose_rows()
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._sanitised_call = False
 
     # -- batch set-up ------------------------------------------------------------------------
     def _choose_rows(self) -> torch.Tensor:
@@ -225,8 +227,12 @@ class Accumulator:
         return float(min(edges[min(idx, len(edges) - 1)], self.x_norm_max[layer]))
 
     # -- the consumer ------------------------------------------------------------------------
-    def __call__(self, call: AttentionCall) -> None:
-        """Fold one layer's attention call into the aggregates."""
+    def __call__(self, call: AttentionCall) -> torch.Tensor | None:
+        """Fold one layer's attention call into the aggregates.
+
+        Returns the layer's attention output (batch, pos, head, d_head) when it was computed
+        from the measured weights (see ``_can_fuse``), else None (the model's kernel runs).
+        """
         layer = call.layer
         self.layers_seen.add(layer)
         self.scale[layer] = call.scaling
@@ -240,7 +246,8 @@ class Accumulator:
         kn = k.float().norm(dim=-1)
         q_bad = ~torch.isfinite(qn)
         k_bad = ~torch.isfinite(kn) & mask[:, None, :]
-        if bool(q_bad.any()) or bool(k_bad.any()):
+        self._sanitised_call = bool(q_bad.any()) or bool(k_bad.any())
+        if self._sanitised_call:
             call = _sanitised(call)
             q, k = call.query, call.key
             qn = q.float().norm(dim=-1)
@@ -262,20 +269,58 @@ class Accumulator:
             # causal rows only see keys up to their own position: small row blocks with keys cut
             # at the block's last row skip most of the masked upper triangle (~45% of the work)
             step = min(step, self.cfg.causal_block_rows)
+        # Every query row measured on CPU: the kernel also writes the attention weights, and this
+        # call returns the layer's output (weights @ V, eager attention's own formula) in place of
+        # the model's sdpa, which would compute Q K^T a second time.
+        fuse = self._can_fuse(call, rows)
+        out = torch.empty(b, self.H, q.shape[2], self.head_dim) if fuse else None
         parts = []
         for start in range(0, len(rows), step):
             blk = rows[start : start + step]
             n_keys = int(blk.max()) + 1 if call.is_causal else keys_total
             s = scores(call, blk, n_keys)  # (batch, head, R, keys)
-            parts.append(row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec))
+            w = self._buffer("weights", s.shape) if fuse else None
+            m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec,
+                            weights_out=None if w is None else w.view(b * self.H, len(blk), n_keys))
+            parts.append(m)
             if start + step >= len(rows):
                 self._sample_row_logits(layer, s[:, :, -1], int(blk[-1]), mask)
             del s
+            if fuse:
+                r = len(blk)
+                v = call.value[:, :, :n_keys].float()  # (batch, kv_head, keys, d_head)
+                o = torch.matmul(w.view(b, self.Hkv, groups * r, n_keys), v).view(b, self.H, r, -1)
+                # mass >= 1 on rows with an allowed key (their max weight is exp(0)); 0 rows stay 0
+                out[:, :, start : start + r] = o / m.mass.view(b, self.H, r, 1).clamp_min(1.0).float()
         # one fold per layer call: the per-row metrics of all blocks side by side (G, rows, ...)
         m = parts[0] if len(parts) == 1 else RowMetrics(**{
             f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in parts[0].to_dict()})
         feats = self._fold(layer, m, rows, mask, q_bad, seq_bad)
         self.rows.update(layer, feats[self._row_sel[0], :, self._row_sel[1]])
+        if out is None:
+            return None
+        return out.transpose(1, 2).to(call.query.dtype).contiguous()  # (batch, pos, head, d_head)
+
+    def _can_fuse(self, call: AttentionCall, rows: torch.Tensor) -> bool:
+        """Whether this call's output can come from the measured weights: every query row is
+        measured, on CPU (the compiled kernel), without a KV cache, and no earlier consumer
+        changed Q or K (non-finite tokens are zeroed for the statistics only)."""
+        s_len = call.query.shape[2]
+        return (
+            call.query.device.type == "cpu"
+            and len(rows) == s_len == call.key.shape[2]
+            and bool((rows == torch.arange(s_len)).all())
+            and not self._sanitised_call
+        )
+
+    def _buffer(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """A reused float32 scratch tensor of ``shape`` (fresh large allocations page-fault)."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
 
     ROW_LOGITS_PER_ROW = 64
     ROW_LOGITS_CAP = 4096

@@ -81,6 +81,8 @@ class RowMetrics:
     max_score: float64 (G, R), max allowed score.
     max_abs_score: float64 (G, R), max |s_ij| over allowed keys.
     n_bulk: int64 (G, R), number of bulk keys (extra field, optional).
+    mass: float64 (G, R), sum over allowed keys of exp(s - max score) (only with
+        ``row_metrics(..., weights_out=...)``; 0 for rows without allowed keys).
 
     Rows without any allowed key have n_keys = k_eps = k_eps_sinks = 0; their float fields
     may be NaN.
@@ -100,6 +102,7 @@ class RowMetrics:
     max_score: torch.Tensor
     max_abs_score: torch.Tensor
     n_bulk: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Field name -> tensor."""
@@ -296,6 +299,7 @@ def row_metrics(
     *,
     backend: str = "auto",
     chunk_elems: int = 1 << 19,
+    weights_out: torch.Tensor | None = None,
     _force_fallback: bool = False,
 ) -> RowMetrics:
     """Exact per-row sparsity metrics without sorting whole rows.
@@ -310,6 +314,10 @@ def row_metrics(
     backend: "auto" (the compiled CPU kernel for CPU tensors, the torch kernel elsewhere),
         "cpu" or "torch".
     chunk_elems: scores streamed per step by the torch kernel (cache-sized).
+    weights_out: optional float32 (G, R, n) tensor, contiguous, on the device of ``scores``,
+        that receives the unnormalised attention weights exp(s - row max) (0 on masked keys);
+        their row sums come back in ``mass``, so that ``weights_out / mass`` is the softmax
+        (the caller finishes the attention output without another pass over the logits).
 
     Returns a :class:`RowMetrics` whose fields have leading shape (G, R), on the device of
     ``scores``. ``n_keys``, ``k_eps``, ``k_eps_sinks`` and ``max_score`` equal those of
@@ -324,13 +332,18 @@ def row_metrics(
     if backend == "torch" or (backend == "auto" and scores.device.type != "cpu"):
         from attn_audit.rows_torch import torch_row_metrics
 
-        return torch_row_metrics(scores, q_pos, spec, chunk_elems=chunk_elems,
-                                 force_fallback=_force_fallback)
-    return _cpu_row_metrics(scores, q_pos, spec, _force_fallback)
+        res = torch_row_metrics(scores, q_pos, spec, chunk_elems=chunk_elems,
+                                force_fallback=_force_fallback)
+        if weights_out is not None:
+            mx = scores.amax(-1, keepdim=True)
+            torch.exp(scores - mx.masked_fill(mx == float("-inf"), 0.0), out=weights_out)
+            res.mass = weights_out.sum(-1, dtype=torch.float64)
+        return res
+    return _cpu_row_metrics(scores, q_pos, spec, _force_fallback, weights_out)
 
 
 def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
-                     force_fallback: bool) -> RowMetrics:
+                     force_fallback: bool, weights_out: torch.Tensor | None = None) -> RowMetrics:
     """The compiled kernel (:mod:`attn_audit.rows_cpu`) on a CPU copy of (G, R, n) scores."""
     from attn_audit.rows_cpu import rows_kernel
 
@@ -340,8 +353,17 @@ def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half / bfloat16 values are exact in float32
     x = x.reshape(g * r, n).contiguous()
+    w_np = None
+    if weights_out is not None:
+        if weights_out.shape != scores.shape or weights_out.dtype != torch.float32 or (
+            weights_out.device.type != "cpu" or not weights_out.is_contiguous()
+        ):
+            raise ValueError("weights_out must be a contiguous float32 CPU tensor shaped like scores")
+        w_np = weights_out.view(g * r, n).numpy()
     out = rows_kernel(x.numpy(), q_pos.detach().cpu().numpy(), r, spec.eps, spec.budgets,
-                      spec.sinks, spec.window, threads=torch.get_num_threads())
+                      spec.sinks, spec.window, threads=torch.get_num_threads(), weights_out=w_np)
+    mass = out.pop("mass") if weights_out is not None else None
+    out.pop("mass", None)
     redo = out.pop("redo")
     if force_fallback:
         redo = out["n_keys"] > 0
@@ -355,6 +377,8 @@ def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
         res["k_eps_sinks"][rows] = ks
         res["tail_mass"][rows] = tail
     fields_ = {k: v.view(g, r, *v.shape[1:]).to(dev) for k, v in res.items()}
+    if mass is not None:
+        fields_["mass"] = torch.from_numpy(mass).view(g, r).to(dev)
     return RowMetrics(**fields_)
 
 

@@ -43,6 +43,9 @@ _FM = {"nsz", "arcp", "contract", "reassoc"}
 """Fast-math flags of the streaming loops: reassociation lets LLVM vectorise the sums. No
 ``nnan`` / ``ninf``: masked keys are -inf."""
 
+_FM_SCAN = {"nsz", "arcp", "contract", "reassoc", "nnan"}
+"""The scan may assume no NaN (scores never hold NaN; see ``row_metrics``)."""
+
 _CLAMP = -300.0
 """Floor of the exp() argument: e^-300 and its square are normal float64 numbers (no slow
 subnormal arithmetic); keys further down carry less than n * 5e-131 of the mass."""
@@ -101,22 +104,55 @@ def _exp_neg(d: float) -> float:
     return p * _i64_as_f64((np.int64(k) + 1023) << 52)
 
 
-@numba.njit(fastmath=_FM, cache=True)
-def _scan(x, n):  # type: ignore[no-untyped-def]
-    """Row max, min over allowed keys, allowed count and 1 + last allowed column."""
+@numba.njit(fastmath=_FM_SCAN, cache=True)
+def _scan(x, lo, hi):  # type: ignore[no-untyped-def]
+    """Max, min over allowed keys and allowed count of x[lo:hi].
+
+    Four independent accumulators: LLVM does not vectorise these select reductions, and one
+    accumulator would serialise on its latency.
+    """
+    m0 = m1 = m2 = m3 = -np.inf
+    l0 = l1 = l2 = l3 = np.inf
+    c = 0
+    h4 = hi - (hi - lo) % 4
+    for j in range(lo, h4, 4):
+        v0 = np.float64(x[j])
+        v1 = np.float64(x[j + 1])
+        v2 = np.float64(x[j + 2])
+        v3 = np.float64(x[j + 3])
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+        w0 = v0 if v0 > -np.inf else np.inf
+        w1 = v1 if v1 > -np.inf else np.inf
+        w2 = v2 if v2 > -np.inf else np.inf
+        w3 = v3 if v3 > -np.inf else np.inf
+        l0 = w0 if w0 < l0 else l0
+        l1 = w1 if w1 < l1 else l1
+        l2 = w2 if w2 < l2 else l2
+        l3 = w3 if w3 < l3 else l3
+        c += (v0 > -np.inf) + (v1 > -np.inf) + (v2 > -np.inf) + (v3 > -np.inf)
+    for j in range(h4, hi):
+        v0 = np.float64(x[j])
+        m0 = v0 if v0 > m0 else m0
+        w0 = v0 if v0 > -np.inf else np.inf
+        l0 = w0 if w0 < l0 else l0
+        c += v0 > -np.inf
+    return max(max(m0, m1), max(m2, m3)), min(min(l0, l1), min(l2, l3)), c
+
+
+@numba.njit(cache=True)
+def _row_extent(x, n, q):  # type: ignore[no-untyped-def]
+    """1 + the last allowed column of x[:n]; q + 1 (the causal guess) is verified first."""
     ln = n
-    while ln > 0 and x[ln - 1] == -np.inf:  # masked tail (causal rows)
+    if 0 <= q < n - 1:
+        tail_max, _, _ = _scan(x, q + 1, n)
+        if tail_max == -np.inf:
+            ln = q + 1
+    while ln > 0 and x[ln - 1] == -np.inf:  # padding or other masks
         ln -= 1
-    mx = -np.inf
-    mn = np.inf
-    cnt = 0
-    for j in range(ln):
-        v = x[j]
-        a = v > -np.inf
-        mx = max(mx, v)
-        mn = min(mn, v if a else np.inf)
-        cnt += 1 if a else 0
-    return np.float64(mx), np.float64(mn), cnt, ln
+    return ln
 
 
 @numba.njit(fastmath=_FM, cache=True)
@@ -260,8 +296,12 @@ def _region_sums(e, x, mx, j0, j1):  # type: ignore[no-untyped-def]
 
 @numba.njit(nogil=True, cache=True)
 def _rows(x, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb, dcap,
-          ints, k_all, k_ns, tail, flt, redo):  # type: ignore[no-untyped-def]
-    """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head]."""
+          ints, k_all, k_ns, tail, flt, redo, write_w, w_out, mass):  # type: ignore[no-untyped-def]
+    """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head].
+
+    mass[i] receives the sum of exp(x[i] - row max) over allowed keys (0 for a row without
+    any); with write_w, w_out[i] (rows, n) receives those weights (0 on masked keys).
+    """
     n = x.shape[1]
     n_eps = eps.shape[0]
     n_bud = budgets.shape[0]
@@ -284,9 +324,13 @@ def _rows(x, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb
     for i in range(row0, row1):
         xr = x[i]
         q = q_pos[i % n_rows_per_head]
-        mx, mn, cnt, ln = _scan(xr, n)
+        ln = _row_extent(xr, n, q)
+        mx, mn, cnt = _scan(xr, 0, ln)
         ints[i, 0] = cnt
+        mass[i] = 0.0
         if cnt == 0:
+            if write_w:
+                w_out[i, :] = 0.0
             ints[i, 1] = 0
             for t in range(n_eps):
                 k_all[i, t] = 0
@@ -302,6 +346,12 @@ def _rows(x, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb
         span = min(mx - mn, dcap)
         inv_w = nb / span if span > 0.0 else 0.0
         z, s2, sed, s1, s11 = _stream(xr, ln, mx, inv_w, nb, e, bins)
+        mass[i] = z
+        if write_w:
+            wr = w_out[i]
+            for j in range(ln):
+                wr[j] = e[j]
+            wr[ln:] = 0.0
         _histogram(e, bins, ln, hm, hc)
         tol = _MARGIN_ULPS * (ln + 8) * _U64 * z
         # sink and local-window regions (sinks: columns < s0; local: (q - window, q])
@@ -460,14 +510,17 @@ def rows_kernel(
     sinks: int,
     window: int,
     threads: int = 1,
+    weights_out: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-row metrics of x (rows, n), float32 or float64 C-contiguous, ``-inf`` = masked.
 
     Row i is query position ``q_pos[i % rows_per_head]`` (q_pos: int64 (rows_per_head,)).
     Returns numpy arrays with leading dimension ``rows``: ``n_keys``, ``n_bulk`` (int64),
     ``k_eps``, ``k_eps_sinks`` (int64 (rows, E)), ``tail_mass`` (float64 (rows, B)), the
-    float64 fields named in :data:`FLT_NAMES`, and ``redo`` (bool: rows the caller must
-    recompute with the sort-based reference).
+    float64 fields named in :data:`FLT_NAMES`, ``mass`` (float64, sum of exp(s - row max))
+    and ``redo`` (bool: rows the caller must recompute with the sort-based reference).
+    ``weights_out`` (rows, n), if given, receives the unnormalised attention weights
+    exp(s - row max) (0 on masked keys), so that ``weights_out / mass`` is the softmax.
     """
     rows, n = x.shape
     nb = _num_bins(n)
@@ -478,11 +531,15 @@ def rows_kernel(
     tail = np.empty((rows, len(budgets)), np.float64)
     flt = np.empty((rows, N_FLT), np.float64)
     redo = np.zeros(rows, np.bool_)
+    mass = np.empty(rows, np.float64)
     eps_a = np.asarray(eps, dtype=np.float64)
     bud_a = np.asarray(budgets, dtype=np.int64)
     q = np.ascontiguousarray(q_pos, dtype=np.int64)
     args = (x, q, rows_per_head)
-    rest = (eps_a, bud_a, int(sinks), int(window), nb, dcap, ints, k_all, k_ns, tail, flt, redo)
+    write_w = weights_out is not None
+    w_out = weights_out if write_w else np.empty((1, 1), np.float32)
+    rest = (eps_a, bud_a, int(sinks), int(window), nb, dcap, ints, k_all, k_ns, tail, flt, redo,
+            write_w, w_out, mass)
     threads = max(1, min(threads, rows // 64 or 1))
     if threads == 1 or rows == 0:
         _rows(*args, 0, rows, *rest)
@@ -493,7 +550,7 @@ def rows_kernel(
         for f in futures:
             f.result()
     out = {"n_keys": ints[:, 0], "n_bulk": ints[:, 1], "k_eps": k_all, "k_eps_sinks": k_ns,
-           "tail_mass": tail, "redo": redo}
+           "tail_mass": tail, "redo": redo, "mass": mass}
     for j, name in enumerate(FLT_NAMES):
         out[name] = flt[:, j]
     return out

@@ -106,3 +106,49 @@ def test_capture_restores_implementation_on_error():
         with torch.no_grad(), capturing(model, boom):
             model(input_ids=ids, attention_mask=mask)
     assert model.config._attn_implementation == "sdpa"
+
+
+def _exact_accumulator_outputs(model, ids: torch.Tensor, mask: torch.Tensor):
+    """Last hidden states of a forward whose attention outputs come from the exact accumulator
+    (weights written by the row kernel, then weights @ V), and how many layers it replaced."""
+    from attn_audit.accumulate import AccumulateConfig, Accumulator
+    from attn_audit.load import model_info
+
+    info = model_info(model, "tiny", "test")
+    acc = Accumulator(info, ids.shape[1], ids.shape[0],
+                      AccumulateConfig(rows_per_sequence=None, min_keys=1, reservoir_size=64))
+    replaced = []
+
+    def consumer(call):
+        out = acc(call)
+        replaced.append(out is not None)
+        return out
+
+    with torch.inference_mode():
+        acc.begin_batch(0, mask)
+        with capturing(model, consumer):
+            got = _base(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = _base(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    return got, ref, replaced
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "bert"])
+def test_exact_audit_outputs_equal_the_models_own(family):
+    """With every row measured, the accumulator returns the layer outputs itself (from the
+    kernel's weights); the model's hidden states must not change beyond float rounding."""
+    model = tiny_model(family)
+    ids, mask = _padded_batch(256, [24, 17, 9])
+    got, ref, replaced = _exact_accumulator_outputs(model, ids, mask)
+    assert replaced and all(replaced)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_exact_audit_outputs_equal_smollm2s_own(smollm2):
+    enc = smollm2.tokenizer(["The capital of France is Paris, a city of light.", "Hello"],
+                            return_tensors="pt", padding=True)
+    got, ref, replaced = _exact_accumulator_outputs(smollm2.model, enc["input_ids"], enc["attention_mask"])
+    assert len(replaced) == 30 and all(replaced)
+    valid = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-4, rtol=1e-4)
