@@ -54,9 +54,25 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: 
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = (weights @ flat_num) / (weights @ flat_den)
     alpha = (1 - level) / 2
-    lo = np.nanquantile(stats, alpha, axis=0) if s > 1 else np.full(flat_num.shape[1], np.nan)
-    hi = np.nanquantile(stats, 1 - alpha, axis=0) if s > 1 else np.full(flat_num.shape[1], np.nan)
+    lo, hi = np.full((2, flat_num.shape[1]), np.nan)
+    if s > 1:
+        lo, hi = _nanquantile_columns(stats, [alpha, 1 - alpha])
     return lo.reshape(num.shape[1:]), hi.reshape(num.shape[1:])
+
+
+def _nanquantile_columns(x: np.ndarray, q: list[float]) -> np.ndarray:
+    """``np.nanquantile(x, q, axis=0)`` with the same values, shape (len(q), columns).
+
+    nanquantile runs a Python-level 1-d quantile per column; the columns without NaN (nearly
+    all) take one vectorised ``np.quantile`` instead, which computes each column alike.
+    """
+    out = np.empty((len(q), x.shape[1]))
+    dirty = np.isnan(x).any(axis=0)
+    if (~dirty).any():
+        out[:, ~dirty] = np.quantile(x[:, ~dirty], q, axis=0)
+    if dirty.any():
+        out[:, dirty] = np.nanquantile(x[:, dirty], q, axis=0)
+    return out
 
 
 def head_sparsity(summary: dict[str, Any], eps_keys: list[str], seed: int = 0) -> dict[tuple[int, int], dict[str, Any]]:

@@ -208,3 +208,102 @@ def test_fit_scaling_missing_lengths_per_sequence() -> None:
     fit = fit_scaling(lengths, k, n_boot=200)
     np.testing.assert_allclose(fit["k_bar"], [12.0, 16.0, 22.0])
     assert math.isfinite(fit["C_lo"]) and fit["C_lo"] <= fit["C"] <= fit["C_hi"]
+
+
+def test_k_eps_columns_matches_cumsum_reference_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The checkpointed kernel counts the same partial sums as a full np.cumsum.
+
+    Row counts around the tile and block sizes (1, 2, 7, 8, 9, 17, ...), blocks of several
+    tiles (few checkpoints allowed), several passes of columns, sigma 0 (uniform row) and
+    sigma large enough that the tail underflows.
+    """
+    from attn_audit import theory
+
+    rng = np.random.default_rng(4)
+    eps = np.array([0.01, 0.05, 0.1, 0.5])
+    for max_ckpt in (256, 3):
+        monkeypatch.setattr(theory, "_MAX_CHECKPOINTS", max_ckpt)
+        for n in (1, 2, 7, 8, 9, 17, 64, 129, 300):
+            z = theory._max_stratified_rows(rng, n, 21)
+            sig = np.concatenate([[0.0, 0.02, 40.0], rng.uniform(0, 6, 400)])
+            got = theory._k_eps_columns(np.ascontiguousarray(z.T), sig, eps)
+            want = np.stack([theory._k_eps_sorted(z, sig, e) for e in eps])
+            np.testing.assert_array_equal(got, want, err_msg=f"n={n}, max_ckpt={max_ckpt}")
+
+
+def test_k_pred_finite_n_cache_and_batching_do_not_change_values() -> None:
+    """Predictions depend on (n, sigma, eps, draws, seed) only: not on the cache or on which
+    rows are predicted together (so one batched call equals many small ones)."""
+    from attn_audit import theory
+
+    rng = np.random.default_rng(6)
+    n = rng.choice([2, 30, 64, 65, 700, 1024, 3000], size=300).astype(float)
+    sigma = rng.uniform(0, 5, size=300)
+    eps = rng.choice([0.01, 0.05, 0.1], size=300)
+    theory._KAPPA_CACHE.clear()
+    theory._ROWS_CACHE.clear()
+    together = k_pred_finite_n(n, sigma, eps, draws=31, rng=9)
+    theory._KAPPA_CACHE.clear()
+    theory._ROWS_CACHE.clear()
+    alone = np.array([k_pred_finite_n(a, b, c, draws=31, rng=9) for a, b, c in zip(n, sigma, eps)])
+    np.testing.assert_array_equal(together, alone)
+    cached = k_pred_finite_n(n, sigma, eps, draws=31, rng=9)
+    np.testing.assert_array_equal(cached, together)
+
+
+def test_r_variants_heads_equals_per_head() -> None:
+    from attn_audit.theory import r_variants_heads
+
+    rng = np.random.default_rng(3)
+    wq = rng.standard_normal((5, 8, 40)).astype(np.float32)
+    wk = rng.standard_normal((2, 8, 40)).astype(np.float32)
+    wq[2] = 0.0  # rank-deficient head
+    kv = [0, 0, 1, 1, 0]
+    got = r_variants_heads(wq, wk, kv, 0.35, 11.0, 9.0)
+    assert got == [r_variants(wq[i], wk[g], 0.35, 11.0, 9.0) for i, g in enumerate(kv)]
+    assert r_variants_heads(wq[:0], wk, [], 0.35, 11.0, 9.0) == []
+    with pytest.raises(ValueError):
+        r_variants_heads(wq, wk[:, :, :10], kv, 0.35, 11.0, 9.0)
+
+
+def test_spearman_ci_resampled_ranks_equal_rankdata() -> None:
+    from attn_audit.theory import _resampled_ranks
+
+    rng = np.random.default_rng(8)
+    for values in (rng.normal(size=40), np.round(rng.normal(size=40), 1), np.ones(5)):
+        idx = rng.integers(0, values.size, size=(60, values.size))
+        want = sps.rankdata(values[idx], axis=1)
+        np.testing.assert_array_equal(_resampled_ranks(values, idx), want)
+
+
+def test_theory_blocks_equal_per_head_theory_block() -> None:
+    """The batched assemble path gives the per-head blocks exactly (dict order included)."""
+    from attn_audit.assemble import theory_block, theory_blocks
+
+    names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid"]
+    names += ["k_eps@0.01", "k_eps@0.05", "k_eps@0.1"]
+    rng = np.random.default_rng(11)
+    heads = []
+    for rows in (300, 200, 128, 60, 60, 9, 5, 0):
+        f = np.empty((rows, len(names)), dtype=np.float32)
+        n = rng.integers(1, 1500, size=rows)
+        f[:, 0] = n
+        f[:, 1] = rng.uniform(0.2, 4.0, size=rows)
+        f[:, 2] = rng.uniform(0, 1, size=rows)
+        f[:, 3] = rng.uniform(0, 1, size=rows)
+        f[:, 4] = rng.random(rows) > 0.1
+        for j, e in enumerate((0.01, 0.05, 0.1)):
+            frac = rng.uniform(0.01, 0.9, size=rows) * (1 - 3 * e)
+            f[:, 5 + j] = np.maximum(1, np.round(n * frac))
+        if rows:
+            f[rng.integers(0, rows, size=3), 1] = np.nan
+        heads.append(f)
+    heads[4][:, 5:] = 3.0  # constant measured k: no Spearman
+    eps_keys = ["0.01", "0.05", "0.1"]
+    got = theory_blocks(heads, names, eps_keys, seed=5, sinks=2, window=16)
+    want = [theory_block(f, names, eps_keys, 5, 2, 16) for f in heads]
+    assert [list(b) for b in got] == [list(b) for b in want]
+    assert got == want
+    assert got[0]["rows"] == 128 and "skipped_reason" in got[-2] and "spearman" in got[0]
