@@ -38,25 +38,43 @@ def gaussianity_block(sample: np.ndarray, seed: int) -> tuple[dict[str, Any], di
     The summary keeps the scalar effect sizes, the verdict and 50 Mahalanobis QQ points; the
     per-coordinate arrays stay out of audit.json (they would dominate its size).
     """
-    from attn_audit.stats import assess_gaussianity
+    return gaussianity_blocks([sample], seed)[0]
 
-    sample = sample[np.isfinite(sample).all(axis=1)] if sample.ndim == 2 else sample[np.isfinite(sample)]
-    if sample.shape[0] < 32:
-        return ({"verdict": "not-assessed", "is_gaussian": None, "n": int(sample.shape[0]),
-                 "skipped_reason": "fewer than 32 finite samples"}, {})
+
+def gaussianity_blocks(samples: list[np.ndarray], seed: int) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """:func:`gaussianity_block` of several (n_i, d_i) or (n_i,) samples; the same blocks.
+
+    Samples with the same number of finite rows share one vectorized pass of the per-coordinate
+    statistics (:func:`attn_audit.stats.assess_gaussianity_batch`).
+    """
     from dataclasses import fields
 
-    from attn_audit.stats import _plain
+    from attn_audit.stats import _plain, assess_gaussianity_batch
 
-    res = assess_gaussianity(sample.astype(np.float64), seed=seed)
+    kept = [x if np.isfinite(x).all() else x[np.isfinite(x).all(axis=1)] if x.ndim == 2 else x[np.isfinite(x)]
+            for x in samples]
+    out: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = [
+        ({"verdict": "not-assessed", "is_gaussian": None, "n": int(x.shape[0]),
+          "skipped_reason": "fewer than 32 finite samples"}, {}) for x in kept]
+    todo = [i for i, x in enumerate(kept) if x.shape[0] >= 32]
+    results = assess_gaussianity_batch([kept[i].astype(np.float64) for i in todo], seed=seed)
     skip = ("pvalues", "pvalues_bh", "cov_eigenvalues", "thresholds")
-    block = {f.name: _plain(getattr(res, f.name)) for f in fields(res)
-             if not f.name.startswith("coord_") and f.name not in skip}
-    block["n"] = int(sample.shape[0])
-    raw = {t: np.asarray(p, dtype=float) for t, p in (getattr(res, "pvalues", {}) or {}).items()}
-    block["p_min_bh_head"] = {t: _fin(np.nanmin(p)) if np.size(p) and np.isfinite(p).any() else None
-                              for t, p in (getattr(res, "pvalues_bh", {}) or {}).items()}
-    return _compact(block), raw
+    names = [f.name for f in fields(results[0])] if results else []
+    for i, res in zip(todo, results, strict=True):
+        block = {name: _plain(getattr(res, name)) for name in names
+                 if not name.startswith("coord_") and name not in skip}
+        block["n"] = int(kept[i].shape[0])
+        raw = {t: np.asarray(p, dtype=float) for t, p in res.pvalues.items()}
+        block["p_min_bh_head"] = {t: _fin(np.nanmin(p)) if np.size(p) and np.isfinite(p).any() else None
+                                  for t, p in res.pvalues_bh.items()}
+        out[i] = (_compact(block), raw)
+    return out
+
+
+_THEORY_ROWS = 128  # sampled rows per head that the Monte Carlo prediction uses
+_PREDICTION_NOTE = ("k_pred: plain large-n formula n*Phi_c(sigma + Phi^-1(eps)); k_pred_finite_n: Monte Carlo at "
+                    "finite n (log ratios use it); k_pred_sink_aware: sinks and local window kept whole, an "
+                    "upper bound up to the Gaussian approximation (theory.md §5.3); sigma = std of the bulk logits")
 
 
 def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], seed: int,
@@ -79,8 +97,8 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
         out["skipped_reason"] = "fewer than 8 sampled rows with a bulk of keys"
         return out
     sigma, n = sigma[ok], n[ok]
-    if len(sigma) > 128:  # the Monte Carlo prediction needs no more rows than this
-        keep = np.sort(np.random.default_rng(seed).choice(len(sigma), 128, replace=False))
+    if len(sigma) > _THEORY_ROWS:  # the Monte Carlo prediction needs no more rows than this
+        keep = np.sort(np.random.default_rng(seed).choice(len(sigma), _THEORY_ROWS, replace=False))
         features = features[ok][keep]
         sigma, n = sigma[keep], n[keep]
         ok = np.ones(len(sigma), dtype=bool)
@@ -118,10 +136,110 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
             from scipy.stats import spearmanr
 
             out["spearman"][e_key] = float(spearmanr(k_meas, k_fin).statistic)
-    out["prediction"] = ("k_pred: plain large-n formula n*Phi_c(sigma + Phi^-1(eps)); k_pred_finite_n: Monte Carlo at "
-                         "finite n (log ratios use it); k_pred_sink_aware: sinks and local window kept whole, an "
-                         "upper bound up to the Gaussian approximation (theory.md §5.3); sigma = std of the bulk logits")
+    out["prediction"] = _PREDICTION_NOTE
     return out
+
+
+def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[str], seed: int,
+                  sinks: int = 1, window: int = 64) -> list[dict[str, Any]]:
+    """:func:`theory_block` of many heads at once; the same blocks, bit for bit.
+
+    All heads share one finite-n Monte Carlo call (its grid cells are common to them), and the
+    per-head statistics run on stacked ``(heads, rows)`` arrays, one stack per row count. Every
+    reduction still runs along one head's rows, as the per-head code does.
+
+    Args:
+        features: per head, the (rows, F) row features (see ``theory_block``).
+
+    Returns:
+        One block per head, in order.
+    """
+    from scipy.stats import rankdata
+
+    from attn_audit import theory
+
+    col = {n: i for i, n in enumerate(names)}
+    blocks: list[dict[str, Any]] = []
+    by_rows: dict[int, list[tuple[int, np.ndarray]]] = {}  # row count -> (head index, kept rows)
+    for i, feats in enumerate(features):
+        sigma = feats[:, col["bulk_std"]]
+        ok = (feats[:, col["valid"]] > 0) & np.isfinite(sigma) & (feats[:, col["n_keys"]] >= 2)
+        out: dict[str, Any] = {"rows": int(ok.sum()), "k_pred": {}, "k_pred_finite_n": {}, "k_measured_mean": {},
+                               "log_ratio_median": {}, "log_ratio_iqr": {}, "spearman": {}}
+        blocks.append(out)
+        if ok.sum() < 8:
+            out["skipped_reason"] = "fewer than 8 sampled rows with a bulk of keys"
+            continue
+        kept = feats[ok]
+        if len(kept) > _THEORY_ROWS:
+            kept = kept[np.sort(np.random.default_rng(seed).choice(len(kept), _THEORY_ROWS, replace=False))]
+            out["rows"] = int(len(kept))
+        by_rows.setdefault(len(kept), []).append((i, kept))
+    if not by_rows:
+        return blocks
+    stacks = [([i for i, _ in group], np.stack([k for _, k in group])) for group in by_rows.values()]
+    n_grids = []
+    for _, st in stacks:  # (heads, rows, F); n rounded as in theory_block
+        step = np.maximum(1.0, 2.0 ** (np.floor(np.log2(st[:, :, col["n_keys"]])) - 2))
+        n_grids.append(np.maximum(2.0, np.round(st[:, :, col["n_keys"]] / step) * step))
+    eps_arr = np.array([float(e) for e in eps_keys])
+    mc_seed = int(np.random.default_rng(seed).integers(2**31))  # what theory_block's generator yields
+    n_all = np.concatenate([g.ravel() for g in n_grids])
+    sigma_all = np.concatenate([st[:, :, col["bulk_std"]].ravel() for _, st in stacks])
+    k_grid = np.asarray(theory.k_pred_finite_n(n_all[:, None], sigma_all[:, None], eps_arr[None, :], rng=mc_seed,
+                                               sigma_step=0.02), dtype=float)
+    start = 0
+    for (ids, st), n_grid in zip(stacks, n_grids, strict=True):
+        # contiguous (heads, rows) copies: each row of a reduction is then laid out like theory_block's 1-d arrays
+        sigma = np.ascontiguousarray(st[:, :, col["bulk_std"]])
+        n = np.ascontiguousarray(st[:, :, col["n_keys"]])
+        m_b = np.ascontiguousarray(st[:, :, col["bulk_mass"]])
+        k_grid_all = k_grid[start:start + n.size].reshape(*n.shape, eps_arr.size)
+        start += n.size
+        stat: dict[str, np.ndarray] = {"sigma_median": np.median(sigma, axis=1),
+                                       "large_sigma_share": np.mean(theory.large_sigma_regime(sigma, n), axis=1)}
+        for e_idx, e_key in enumerate(eps_keys):
+            eps = float(e_key)
+            k_meas = np.ascontiguousarray(st[:, :, col[f"k_eps@{eps}"]])
+            k_hat = np.maximum(theory.k_pred_plain(n, sigma, eps), 1.0)
+            k_fin = np.maximum(np.minimum(k_grid_all[:, :, e_idx] * n / n_grid, n), 1.0)
+            n_sl = np.minimum(n, sinks + window)
+            k_sink = np.asarray(theory.k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
+            ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
+            q75, q25 = np.percentile(ratio, [75, 25], axis=1)
+            stat[f"sink {e_key}"] = np.nanmean(k_sink, axis=1)
+            stat[f"covers {e_key}"] = np.mean(k_meas <= np.ceil(k_sink) + 1e-9, axis=1)
+            stat[f"k_pred {e_key}"] = np.mean(k_hat, axis=1)
+            stat[f"k_fin {e_key}"] = np.mean(k_fin, axis=1)
+            stat[f"k_meas {e_key}"] = np.mean(k_meas, axis=1)
+            stat[f"median {e_key}"] = np.median(ratio, axis=1)
+            stat[f"iqr {e_key}"] = q75 - q25
+            rho = np.full(len(ids), np.nan)
+            has = (np.ptp(k_meas, axis=1) > 0) & (np.ptp(k_fin, axis=1) > 0)
+            if has.any():
+                # scipy.stats.spearmanr's own steps (average ranks, then np.corrcoef of the (rows, 2) ranks)
+                ranked = np.empty((int(has.sum()), n.shape[1], 2))
+                ranked[:, :, 0] = rankdata(k_meas[has], axis=1)
+                ranked[:, :, 1] = rankdata(k_fin[has], axis=1)
+                rho[has] = [np.corrcoef(r, rowvar=False)[1, 0] for r in ranked]
+            stat[f"rho {e_key}"] = rho
+            stat[f"has_rho {e_key}"] = has
+        for j, i in enumerate(ids):
+            out = blocks[i]
+            out["sigma_median"] = float(stat["sigma_median"][j])
+            out["large_sigma_share"] = float(stat["large_sigma_share"][j])
+            for e_key in eps_keys:
+                out.setdefault("k_pred_sink_aware", {})[e_key] = float(stat[f"sink {e_key}"][j])
+                out.setdefault("sink_aware_covers_share", {})[e_key] = float(stat[f"covers {e_key}"][j])
+                out["k_pred"][e_key] = float(stat[f"k_pred {e_key}"][j])
+                out["k_pred_finite_n"][e_key] = float(stat[f"k_fin {e_key}"][j])
+                out["k_measured_mean"][e_key] = float(stat[f"k_meas {e_key}"][j])
+                out["log_ratio_median"][e_key] = float(stat[f"median {e_key}"][j])
+                out["log_ratio_iqr"][e_key] = float(stat[f"iqr {e_key}"][j])
+                if stat[f"has_rho {e_key}"][j]:
+                    out["spearman"][e_key] = float(stat[f"rho {e_key}"][j])
+            out["prediction"] = _PREDICTION_NOTE
+    return blocks
 
 
 def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config: AuditConfig,
@@ -259,22 +377,34 @@ def _add_gaussianity(heads: list[dict[str, Any]], s: dict[str, Any], config: Aud
     """
     from attn_audit.stats import bh_adjust_joint
 
-    cache: dict[tuple[str, int, int], tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+    # Which samples are needed, in head order; then one batched assessment per (site, layer)
+    # (all row-logit samples together), which vectorizes the per-coordinate statistics.
+    wanted: dict[tuple[str, int, int], np.ndarray] = {}
+    for rec in heads:
+        l, h, g = rec["layer"], rec["head"], rec["kv_head"]
+        for site, (key, per_query) in SITES.items():
+            samples = s.get(key, {})
+            if l in samples:
+                idx = h if per_query else g
+                wanted.setdefault((site, l, idx), samples[l][:, idx, :])
+        logits = s.get("row_logits", {}).get(l)
+        if logits is not None:
+            vals = logits[h]
+            wanted.setdefault(("logits", l, h), vals[np.isfinite(vals)][:, None])
+    batches: dict[tuple[str, int], list[tuple[str, int, int]]] = {}
+    for key in wanted:
+        batches.setdefault((key[0], -1 if key[0] == "logits" else key[1]), []).append(key)
+    computed: dict[tuple[str, int, int], tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+    for keys in batches.values():
+        computed.update(zip(keys, gaussianity_blocks([wanted[k] for k in keys], config.seed), strict=True))
+    cache = {key: computed[key] for key in wanted}  # head order, as the joint BH families below
     for rec in heads:
         l, h, g = rec["layer"], rec["head"], rec["kv_head"]
         block: dict[str, Any] = {}
-        for site, (key, per_query) in SITES.items():
-            samples = s.get(key, {})
-            if l not in samples:
-                continue
-            idx = h if per_query else g
-            if (site, l, idx) not in cache:
-                cache[(site, l, idx)] = gaussianity_block(samples[l][:, idx, :], config.seed)
-            block[site] = cache[(site, l, idx)][0]
-        logits = s.get("row_logits", {}).get(l)
-        if logits is not None and (("logits", l, h) not in cache):
-            vals = logits[h]
-            cache[("logits", l, h)] = gaussianity_block(vals[np.isfinite(vals)][:, None], config.seed)
+        for site, (_, per_query) in SITES.items():
+            key = (site, l, h if per_query else g)
+            if key in cache:
+                block[site] = cache[key][0]
         if ("logits", l, h) in cache:
             block["row_logits"] = cache[("logits", l, h)][0]
         rec["gaussianity"] = block
@@ -296,42 +426,53 @@ def _add_gaussianity(heads: list[dict[str, Any]], s: dict[str, Any], config: Aud
 
 def _add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
                        weights: list[tuple[np.ndarray, np.ndarray]], info: dict[str, Any]) -> None:
-    """R_F and R_op from the projection weights and the attention-input norm bound B."""
+    """R_F and R_op from the projection weights and the attention-input norm bound B (one call per layer)."""
     from attn_audit import theory
 
     d = info["head_dim"]
+    by_layer: dict[int, list[dict[str, Any]]] = {}
     for rec in heads:
-        l, h, g = rec["layer"], rec["head"], rec["kv_head"]
+        l = rec["layer"]
         if l >= len(weights) or not np.isfinite(s["x_norm_max"][l]) or s["x_norm_max"][l] <= 0:
             continue
+        by_layer.setdefault(l, []).append(rec)
+    for l, recs in by_layer.items():
         wq, wk = weights[l]
-        wq_h, wk_g = wq[h * d:(h + 1) * d], wk[g * d:(g + 1) * d]
-        if not (np.isfinite(wq_h).all() and np.isfinite(wk_g).all()):
-            rec["R"]["note"] = "weight-based R left out: the projection weights hold NaN or inf"
+        todo = []
+        for rec in recs:
+            h, g = rec["head"], rec["kv_head"]
+            if not (np.isfinite(wq[h * d:(h + 1) * d]).all() and np.isfinite(wk[g * d:(g + 1) * d]).all()):
+                rec["R"]["note"] = "weight-based R left out: the projection weights hold NaN or inf"
+                continue
+            todo.append(rec)
+        if not todo:
             continue
+        kv_heads = sorted({rec["kv_head"] for rec in todo})
         b_p999 = s["x_norm_p999"][l]
         b_max = float(s["x_norm_max"][l])
-        rv = theory.r_variants(wq_h, wk_g, float(s["scale"][l]),
-                               b_max, float(b_p999) if np.isfinite(b_p999) else b_max)
-        rec["R"].update({
-            "W_fro": rv.w_fro, "W_op": rv.w_op, "R_F": rv.r_f_max, "R_F_p999": rv.r_f_p999,
-            "R_op": rv.r_op_max, "R_op_p999": rv.r_op_p999, "B_max": b_max,
-            "B_p999": float(b_p999) if np.isfinite(b_p999) else None,
-        })
-        r_f = rv.r_f_max
-        if r_f and rec["R"].get("logit_range"):
-            rec["R"]["emp_over_R_F"] = rec["R"]["logit_range"] / r_f
-        rec["R"]["note"] = "R_F = scale*B^2*||W_Q^h W_K^g^T||_F (theory.md §3, v2's form with the model's scale); W from pre-RoPE projections"
+        rvs = theory.r_variants_heads(np.stack([wq[r["head"] * d:(r["head"] + 1) * d] for r in todo]),
+                                      np.stack([wk[g * d:(g + 1) * d] for g in kv_heads]),
+                                      [kv_heads.index(r["kv_head"]) for r in todo], float(s["scale"][l]),
+                                      b_max, float(b_p999) if np.isfinite(b_p999) else b_max)
+        for rec, rv in zip(todo, rvs, strict=True):
+            rec["R"].update({
+                "W_fro": rv.w_fro, "W_op": rv.w_op, "R_F": rv.r_f_max, "R_F_p999": rv.r_f_p999,
+                "R_op": rv.r_op_max, "R_op_p999": rv.r_op_p999, "B_max": b_max,
+                "B_p999": float(b_p999) if np.isfinite(b_p999) else None,
+            })
+            r_f = rv.r_f_max
+            if r_f and rec["R"].get("logit_range"):
+                rec["R"]["emp_over_R_F"] = rec["R"]["logit_range"] / r_f
+            rec["R"]["note"] = "R_F = scale*B^2*||W_Q^h W_K^g^T||_F (theory.md §3, v2's form with the model's scale); W from pre-RoPE projections"
 
 
 def _add_theory(heads: list[dict[str, Any]], s: dict[str, Any], config: AuditConfig, group: int) -> None:
-    names = s["row_feature_names"]
-    for rec in heads:
-        feats = s["row_features"].get(rec["layer"])
-        if feats is None:
-            continue
-        rec["theory"] = theory_block(feats[:, rec["head"], :], names, list(config.eps_keys), config.seed,
-                                     config.sinks, config.window)
+    todo = [(rec, s["row_features"].get(rec["layer"])) for rec in heads]
+    todo = [(rec, feats[:, rec["head"], :]) for rec, feats in todo if feats is not None]
+    blocks = theory_blocks([f for _, f in todo], s["row_feature_names"], list(config.eps_keys), config.seed,
+                           config.sinks, config.window)
+    for (rec, _), block in zip(todo, blocks, strict=True):
+        rec["theory"] = block
 
 
 def _add_scaling(heads: list[dict[str, Any]], summaries: dict[int, dict[str, Any]], config: AuditConfig) -> None:

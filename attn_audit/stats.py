@@ -2,7 +2,11 @@
 
 Pure numpy/scipy (no torch). Entry point: :func:`assess_gaussianity` on a sample matrix of
 shape ``(n, d)`` (``d = d_head``, or ``d = 1`` for row logits) returning a frozen
-:class:`GaussianityResult`. The multivariate parts live in :mod:`attn_audit.mvn`.
+:class:`GaussianityResult`; :func:`assess_gaussianity_batch` assesses many samples (e.g. all
+heads of a layer) with the same results and one vectorized pass of the per-coordinate
+statistics. Those live in :mod:`attn_audit.marginal`, their scores and p-values in
+:mod:`attn_audit.normality_tests` (both re-exported here), the multivariate parts in
+:mod:`attn_audit.mvn`.
 
 Why effect sizes, not p-values
 ------------------------------
@@ -89,6 +93,7 @@ false-alarm rate was 0-1.3%.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -97,9 +102,35 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import special as spc
-from scipy import stats as sps
 
 from attn_audit import mvn
+from attn_audit.marginal import (
+    QSKEW_NULL_SD,
+    QSKEW_P,
+    CoordinateStats,
+    coordinate_stats,
+    coordinate_stats_many,
+)
+from attn_audit.normality_tests import (
+    TESTS,
+    anderson_pvalue,
+    bh_adjust,
+    bh_adjust_joint,
+    bh_adjust_rows,
+    kurtosis_z,
+    lilliefors_null_quantile,
+    lilliefors_pvalue,
+    shapiro_wilk,
+    skewness_z,
+)
+
+__all__ = [  # re-exported: the per-coordinate statistics and the test calibrations
+    "QSKEW_NULL_SD", "QSKEW_P", "TESTS", "VERDICTS", "CoordinateStats", "GaussianityResult",
+    "GaussianityThresholds", "Verdict", "anderson_pvalue", "assess_gaussianity",
+    "assess_gaussianity_batch", "bh_adjust", "bh_adjust_joint", "bh_adjust_rows",
+    "coordinate_stats", "coordinate_stats_many", "kurtosis_z", "lilliefors_null_quantile",
+    "lilliefors_pvalue", "shapiro_wilk", "skewness_z",
+]  # fmt: skip
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -115,17 +146,6 @@ VERDICTS: tuple[str, ...] = (
     "light-tailed",
     "skipped",
 )
-TESTS: tuple[str, ...] = (
-    "dagostino_k2",
-    "anderson_normal",
-    "lilliefors_ks",
-    "jarque_bera",
-    "shapiro_wilk",
-)
-# Asymptotic sd of the Hinkley quantile skewness at p = 0.05 under normality, times sqrt(n)
-# (delta method on the sample quantiles: 3.290 / (2 * 1.645) = 1.000).
-QSKEW_P = 0.05
-QSKEW_NULL_SD = 1.0
 
 
 @dataclass(frozen=True)
@@ -179,315 +199,6 @@ class GaussianityThresholds:
             raise ValueError("null_alpha and outlier_max_share must be < 1")
         if self.min_n < 8 or self.shapiro_max_n < 8 or self.pairwise_max_n < 8:
             raise ValueError("min_n, shapiro_max_n and pairwise_max_n must be >= 8")
-
-
-# --------------------------------------------------------------------------- p-values
-
-
-def bh_adjust(pvalues: ArrayLike) -> FloatArray:
-    """Benjamini-Hochberg adjusted p-values; NaN entries stay NaN and are not counted.
-
-    Args:
-        pvalues: raw p-values, any shape.
-
-    Returns:
-        Adjusted p-values, same shape.
-    """
-    p = np.asarray(pvalues, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        out[ok] = sps.false_discovery_control(np.clip(p[ok], 0.0, 1.0), method="bh")
-    return out
-
-
-def bh_adjust_joint(pvalue_arrays: Sequence[ArrayLike]) -> list[FloatArray]:
-    """Apply Benjamini-Hochberg jointly to several p-value arrays (e.g. across heads).
-
-    Args:
-        pvalue_arrays: arrays of raw p-values of any shapes (e.g. one ``(d,)`` array per
-            head and site).
-
-    Returns:
-        The adjusted arrays, in order and with the input shapes; all finite entries of all
-        arrays form one family.
-    """
-    arrays = [np.asarray(a, dtype=np.float64) for a in pvalue_arrays]
-    if not arrays:
-        return []
-    flat = bh_adjust(np.concatenate([a.ravel() for a in arrays]))
-    out: list[FloatArray] = []
-    start = 0
-    for a in arrays:
-        out.append(flat[start : start + a.size].reshape(a.shape))
-        start += a.size
-    return out
-
-
-# Simulated upper-tail table of Stephens' modified Lilliefors statistic
-# D* = D (sqrt(n) - 0.01 + 0.85 / sqrt(n)) (3e5 exactly normal samples of n = 1000, seed
-# 20240601); used for p >= 0.1, where the Dallal-Wilkinson formula is not valid.
-_LF_P = np.array([0.999, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1])
-_LF_DSTAR = np.array(
-    [0.3226, 0.3713, 0.4253, 0.4591, 0.5055, 0.5428, 0.5779, 0.6131, 0.651, 0.6942, 0.749,
-     0.784, 0.8308]
-)  # fmt: skip
-
-
-def _dallal_wilkinson(ks: FloatArray, n: int) -> FloatArray:
-    """Dallal-Wilkinson (1986) Lilliefors tail p-value, with the n > 100 rescaling."""
-    nn = float(n)
-    if n > 100:
-        ks = ks * (nn / 100.0) ** 0.49
-        nn = 100.0
-    log_p = (
-        -7.01256 * ks**2 * (nn + 2.78019)
-        + 2.99587 * ks * math.sqrt(nn + 2.78019)
-        - 0.122119
-        + 0.974598 / math.sqrt(nn)
-        + 1.67997 / nn
-    )
-    p: FloatArray = np.exp(log_p)
-    return p
-
-
-def lilliefors_pvalue(ks: ArrayLike, n: int) -> FloatArray:
-    """Approximate p-value of the Lilliefors (KS, estimated mean and sd) normality test.
-
-    Dallal-Wilkinson below 0.1, a simulated table of Stephens' modified statistic above.
-    Checked against simulation at n = 200, 1000, 4000 to within ~20% relative at p = 0.001.
-
-    Args:
-        ks: KS distances, any shape.
-        n: sample size.
-
-    Returns:
-        p-values, same shape.
-    """
-    d = np.asarray(ks, dtype=np.float64)
-    p_tail = _dallal_wilkinson(d, n)
-    dstar = d * (math.sqrt(n) - 0.01 + 0.85 / math.sqrt(n))
-    p_body = np.interp(dstar, np.r_[0.0, _LF_DSTAR], np.r_[1.0, _LF_P])
-    return np.where(p_tail <= 0.1, p_tail, np.maximum(p_body, 0.1))
-
-
-def lilliefors_null_quantile(n: int, alpha: float) -> float:
-    """KS distance exceeded with probability ``alpha`` (< 0.1) under normality, size ``n``.
-
-    Inverts the Dallal-Wilkinson formula (a quadratic in D).
-    """
-    nn, scale = float(n), 1.0
-    if n > 100:
-        scale, nn = (nn / 100.0) ** 0.49, 100.0
-    a = 7.01256 * (nn + 2.78019)
-    b = 2.99587 * math.sqrt(nn + 2.78019)
-    c = -0.122119 + 0.974598 / math.sqrt(nn) + 1.67997 / nn - math.log(alpha)
-    return (b + math.sqrt(b * b + 4 * a * c)) / (2 * a) / scale
-
-
-def anderson_pvalue(a2: ArrayLike, n: int) -> FloatArray:
-    """D'Agostino & Stephens (1986) p-value of the Anderson-Darling normality statistic.
-
-    Args:
-        a2: A^2 statistics (mean and variance estimated), any shape.
-        n: sample size.
-
-    Returns:
-        p-values, same shape.
-    """
-    a = np.asarray(a2, dtype=np.float64) * (1 + 0.75 / n + 2.25 / n**2)
-    a = np.minimum(a, 150.0)  # the top branch turns upwards past its vertex at ~153
-    with np.errstate(over="ignore"):
-        p = np.where(
-            a >= 0.6,
-            np.exp(1.2937 - 5.709 * a + 0.0186 * a**2),
-            np.where(
-                a >= 0.34,
-                np.exp(0.9177 - 4.279 * a - 1.38 * a**2),
-                np.where(
-                    a >= 0.2,
-                    1 - np.exp(-8.318 + 42.796 * a - 59.938 * a**2),
-                    1 - np.exp(-13.436 + 101.14 * a - 223.73 * a**2),
-                ),
-            ),
-        )
-    return np.clip(p, 0.0, 1.0)
-
-
-# --------------------------------------------------------------------------- per coordinate
-
-
-@dataclass(frozen=True)
-class CoordinateStats:
-    """Per-coordinate statistics; every array has shape ``(d,)``, NaN for constant columns.
-
-    Attributes:
-        mean, var: sample mean and unbiased variance.
-        skewness, excess_kurtosis: Fisher g1 and g2 (biased moment estimators).
-        skewness_z, kurtosis_z: D'Agostino and Anscombe-Glynn normal scores of g1 and g2.
-        quantile_skewness: Hinkley's (Q95 + Q05 - 2 Q50) / (Q95 - Q05).
-        ks_distance: sup |F_n - Phi| after standardising (Lilliefors statistic).
-        wasserstein_sigma: W1 to the fitted normal, in units of the sample sd.
-        qq_corr: correlation of the ordered sample with Blom normal scores.
-        anderson: Anderson-Darling A^2 (estimated parameters).
-        pvalues: raw p-values per test name in :data:`TESTS`.
-    """
-
-    mean: FloatArray
-    var: FloatArray
-    skewness: FloatArray
-    excess_kurtosis: FloatArray
-    skewness_z: FloatArray
-    kurtosis_z: FloatArray
-    quantile_skewness: FloatArray
-    ks_distance: FloatArray
-    wasserstein_sigma: FloatArray
-    qq_corr: FloatArray
-    anderson: FloatArray
-    pvalues: Mapping[str, FloatArray]
-
-
-_SQRT_2PI = math.sqrt(2 * math.pi)
-
-
-def _phi(z: FloatArray) -> FloatArray:
-    """Standard normal density (plain numpy; scipy's ``norm.pdf`` is slow on big arrays)."""
-    return np.exp(-0.5 * z * z) / _SQRT_2PI
-
-
-def skewness_z(g1: FloatArray, n: int) -> FloatArray:
-    """D'Agostino (1970) normal score of the sample skewness g1 (as ``scipy.stats.skewtest``).
-
-    Args:
-        g1: sample skewness values, any shape.
-        n: sample size (>= 8).
-
-    Returns:
-        Approximately N(0, 1) scores under normality, same shape.
-    """
-    y = g1 * math.sqrt((n + 1) * (n + 3) / (6.0 * (n - 2)))
-    beta2 = 3.0 * (n * n + 27 * n - 70) * (n + 1) * (n + 3)
-    beta2 /= (n - 2.0) * (n + 5) * (n + 7) * (n + 9)
-    w2 = -1 + math.sqrt(2 * (beta2 - 1))
-    delta = 1 / math.sqrt(0.5 * math.log(w2))
-    alpha = math.sqrt(2.0 / (w2 - 1))
-    ya = y / alpha
-    return delta * np.log(ya + np.sqrt(ya * ya + 1))
-
-
-def kurtosis_z(g2: FloatArray, n: int) -> FloatArray:
-    """Anscombe-Glynn (1983) normal score of the excess kurtosis g2 (``kurtosistest``).
-
-    Args:
-        g2: sample excess kurtosis values (Fisher, biased), any shape.
-        n: sample size (>= 5).
-
-    Returns:
-        Approximately N(0, 1) scores under normality, same shape.
-    """
-    e = 3.0 * (n - 1) / (n + 1)
-    varb2 = 24.0 * n * (n - 2) * (n - 3) / ((n + 1) ** 2 * (n + 3) * (n + 5))
-    x = (g2 + 3.0 - e) / math.sqrt(varb2)
-    sb1 = 6.0 * (n * n - 5 * n + 2) / ((n + 7) * (n + 9))
-    sb1 *= math.sqrt(6.0 * (n + 3) * (n + 5) / (n * (n - 2) * (n - 3)))
-    a = 6.0 + 8.0 / sb1 * (2.0 / sb1 + math.sqrt(1 + 4.0 / sb1**2))
-    term1 = 1 - 2 / (9.0 * a)
-    denom = 1 + x * math.sqrt(2 / (a - 4.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        term2 = np.sign(denom) * np.cbrt((1 - 2.0 / a) / np.abs(denom))
-        term2 = np.where(denom == 0.0, np.nan, term2)
-    return (term1 - term2) / math.sqrt(2 / (9.0 * a))
-
-
-def _wasserstein_std(z: FloatArray, cdf: FloatArray) -> FloatArray:
-    """W1 between the empirical law of each sorted standardized column and N(0, 1).
-
-    Exact: sum over order statistics of the integral of |z_(i) - Phi^-1(u)| over
-    u in [(i-1)/n, i/n], using the antiderivative G(u) = -phi(Phi^-1(u)).
-
-    Args:
-        z: sorted standardized samples, shape ``(n, d)``.
-        cdf: ``Phi(z)``, shape ``(n, d)``.
-
-    Returns:
-        Shape ``(d,)``.
-    """
-    n = z.shape[0]
-    u = np.arange(n + 1) / n
-    g = -_phi(spc.ndtri(u))  # G(0) = G(1) = 0
-    u0, u1 = u[:-1, None], u[1:, None]
-    g0, g1 = g[:-1, None], g[1:, None]
-    ustar = np.clip(cdf, u0, u1)
-    gstar = np.where(cdf < u0, g0, np.where(cdf > u1, g1, -_phi(z)))
-    piece = z * (2 * ustar - u0 - u1) + g0 + g1 - 2 * gstar
-    out: FloatArray = piece.sum(axis=0)
-    return out
-
-
-def _sorted_quantile(z: FloatArray, p: float) -> FloatArray:
-    """Linear-interpolation quantile (numpy's default) of columns already sorted."""
-    h = (z.shape[0] - 1) * p
-    lo = math.floor(h)
-    hi = min(lo + 1, z.shape[0] - 1)
-    q: FloatArray = z[lo] + (h - lo) * (z[hi] - z[lo])
-    return q
-
-
-def coordinate_stats(
-    x: FloatArray, shapiro_rows: NDArray[np.intp] | None = None
-) -> CoordinateStats:
-    """All per-coordinate statistics of ``x`` (shape ``(n, d)``), vectorized over columns.
-
-    Args:
-        x: samples, shape ``(n, d)``, n >= 8.
-        shapiro_rows: row indices for the Shapiro-Wilk subsample (default: all rows).
-
-    Returns:
-        The statistics; constant columns give NaN everywhere.
-    """
-    n, d = x.shape
-    mean = x.mean(axis=0)
-    var = x.var(axis=0, ddof=1)
-    ok = var > 0
-    nan = np.full(d, np.nan)
-    res: dict[str, FloatArray] = {k: nan.copy() for k in (
-        "skewness", "excess_kurtosis", "skewness_z", "kurtosis_z", "quantile_skewness",
-        "ks_distance", "wasserstein_sigma", "qq_corr", "anderson")}  # fmt: skip
-    pv: dict[str, FloatArray] = {t: nan.copy() for t in TESTS}
-    if ok.any():
-        xo = x[:, ok]
-        xc = xo - mean[ok]
-        xc2 = xc * xc
-        m2 = xc2.mean(axis=0)
-        g1 = (xc2 * xc).mean(axis=0) / m2**1.5
-        g2 = (xc2 * xc2).mean(axis=0) / (m2 * m2) - 3.0
-        zs, zk = skewness_z(g1, n), kurtosis_z(g2, n)
-        z = np.sort(xc / np.sqrt(var[ok]), axis=0)
-        cdf = spc.ndtr(z)
-        sf = spc.ndtr(-z)
-        i = np.arange(1, n + 1)[:, None]
-        ks = np.maximum((i / n - cdf).max(axis=0), (cdf - (i - 1) / n).max(axis=0))
-        with np.errstate(divide="ignore"):
-            terms = (2 * i - 1) * np.log(cdf) + (2 * n + 1 - 2 * i) * np.log(sf)
-        a2 = -n - terms.sum(axis=0) / n
-        blom = spc.ndtri((i[:, 0] - 0.375) / (n + 0.25))
-        blom = blom - blom.mean()
-        zc = z - z.mean(axis=0)
-        qq = (blom @ zc) / np.sqrt((blom @ blom) * np.sum(zc * zc, axis=0))
-        qlo, q50, qhi = (_sorted_quantile(z, p) for p in (QSKEW_P, 0.5, 1 - QSKEW_P))
-        qskew = (qhi + qlo - 2 * q50) / (qhi - qlo)
-        for key, val in (("skewness", g1), ("excess_kurtosis", g2), ("skewness_z", zs),
-                         ("kurtosis_z", zk), ("quantile_skewness", qskew), ("ks_distance", ks),
-                         ("wasserstein_sigma", _wasserstein_std(z, cdf)), ("qq_corr", qq),
-                         ("anderson", a2)):  # fmt: skip
-            res[key][ok] = val
-        pv["dagostino_k2"][ok] = sps.chi2.sf(zs**2 + zk**2, 2)
-        pv["jarque_bera"][ok] = sps.chi2.sf(n / 6.0 * (g1**2 + g2**2 / 4.0), 2)
-        pv["anderson_normal"][ok] = anderson_pvalue(a2, n)
-        pv["lilliefors_ks"][ok] = lilliefors_pvalue(ks, n)
-        xs = xo if shapiro_rows is None else xo[shapiro_rows]
-        pv["shapiro_wilk"][ok] = np.asarray(sps.shapiro(xs, axis=0).pvalue)
-    return CoordinateStats(mean=mean, var=var, pvalues=pv, **res)
 
 
 # --------------------------------------------------------------------------- result
@@ -606,6 +317,13 @@ class GaussianityResult:
 
 def _plain(v: Any) -> Any:
     """Convert numpy/dataclass values to JSON-able Python (NaN and inf become None)."""
+    kind = type(v)
+    if kind is float:  # the common cases first (this runs for every field of every head)
+        return v if math.isfinite(v) else None
+    if kind is bool or kind is int or kind is str or v is None:
+        return v
+    if kind is np.ndarray and v.ndim == 1 and v.dtype.kind == "f":
+        return [x if math.isfinite(x) else None for x in v.tolist()]
     if isinstance(v, GaussianityThresholds):
         return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
     if isinstance(v, Mapping):
@@ -627,8 +345,12 @@ def _plain(v: Any) -> Any:
 
 
 def _nanmedian(a: FloatArray) -> float:
-    a = a[np.isfinite(a)]
-    return float(np.median(a)) if a.size else float("nan")
+    """Median of the finite entries (``np.median``'s arithmetic; NaN when there are none)."""
+    a = np.sort(a[np.isfinite(a)])
+    k = a.size // 2
+    if not a.size:
+        return float("nan")
+    return float(a[k]) if a.size % 2 else float((a[k - 1] + a[k]) / 2)
 
 
 def _nanmax(a: FloatArray) -> float:
@@ -726,10 +448,16 @@ class _CoordinateRules:
         return self.heavy | self.light | self.skew | self.ks
 
 
+@functools.lru_cache(maxsize=256)
+def _z_star(alpha: float, d: int) -> float:
+    """z*_d = Phi^-1(1 - alpha / (2d)) (``scipy.stats.norm.isf(alpha / (2d))``)."""
+    return float(-spc.ndtri(alpha / (2 * d)))
+
+
 def _coordinate_rules(cs: CoordinateStats, n: int, th: GaussianityThresholds) -> _CoordinateRules:
     """Practical size AND beyond the null spread z*_d, per coordinate (module docstring)."""
     d_ok = int(np.isfinite(cs.skewness).sum())
-    z_d = float(sps.norm.isf(th.null_alpha / (2 * d_ok)))
+    z_d = _z_star(th.null_alpha, d_ok)
     ks_thr = max(th.ks_abs, lilliefors_null_quantile(n, th.null_alpha / d_ok))
     g1, g2 = cs.skewness, cs.excess_kurtosis
     with np.errstate(invalid="ignore"):
@@ -758,14 +486,21 @@ class _HeadRules:
 
 
 def _head_rules(
-    xo: FloatArray, w: mvn.Whitened, pair_rows: NDArray[np.intp] | None,
+    xo: FloatArray, w: mvn.Whitened | mvn.Distances, pair_rows: NDArray[np.intp] | None,
     th: GaussianityThresholds,
 ) -> _HeadRules | None:  # fmt: skip
-    """Mardia, Henze-Zirkler, Mahalanobis QQ and the head-level rules; None if n <= d + 1."""
+    """Mardia, Henze-Zirkler, Mahalanobis QQ and the head-level rules; None if n <= d + 1.
+
+    ``w`` is ``whiten(xo)`` when ``pair_rows`` is None (the pairwise statistics reuse it).
+    """
     n = xo.shape[0]
     if w.d_eff < 1 or n <= w.d_eff + 1:
         return None
-    pw = mvn.pairwise_stats(xo if pair_rows is None else xo[pair_rows])
+    if pair_rows is None:
+        assert isinstance(w, mvn.Whitened)
+        pw = mvn.pairwise_stats(xo, w)
+    else:
+        pw = mvn.pairwise_stats(xo[pair_rows])
     md = mvn.mardia(w, pw)
     mq = mvn.mahalanobis_qq(w, th.qq_points, th.null_alpha)
     z_lo, z_hi = mvn.mardia_kurtosis_z_bounds(n, w.d_eff, th.null_alpha)
@@ -810,6 +545,19 @@ def _reasons(
     return tuple(out)
 
 
+def _prepare(samples: ArrayLike) -> tuple[FloatArray, int]:
+    """``(n, d)`` float64 view of a sample without its non-finite rows; rows received."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"samples must have shape (n, d) or (n,), got {x.shape}")
+    n_in = x.shape[0]
+    if np.isfinite(x).all():  # the common case, without the per-row reduction
+        return x, n_in
+    return x[np.isfinite(x).all(axis=1)], n_in
+
+
 def assess_gaussianity(
     samples: ArrayLike,
     thresholds: GaussianityThresholds | None = None,
@@ -829,32 +577,75 @@ def assess_gaussianity(
     Raises:
         ValueError: if ``samples`` is not 1-D or 2-D.
     """
+    return assess_gaussianity_batch([samples], thresholds, seed)[0]
+
+
+def assess_gaussianity_batch(
+    samples: Sequence[ArrayLike],
+    thresholds: GaussianityThresholds | None = None,
+    seed: int = 0,
+) -> list[GaussianityResult]:
+    """:func:`assess_gaussianity` of several samples (e.g. the heads of one layer) at once.
+
+    Each result is the one :func:`assess_gaussianity` gives for that sample alone (same seed,
+    so the same row subsamples); samples with the same number of finite rows share one
+    vectorized pass of the per-coordinate statistics.
+
+    Args:
+        samples: a sequence of samples, each of shape ``(n_i, d_i)`` or ``(n_i,)``; an array
+            of shape ``(B, n, d)`` is B samples.
+        thresholds: verdict thresholds; defaults to :class:`GaussianityThresholds`.
+        seed: seed of the row subsamples.
+
+    Returns:
+        One result per sample, in order.
+
+    Raises:
+        ValueError: if a sample is not 1-D or 2-D.
+    """
     th = thresholds if thresholds is not None else GaussianityThresholds()
-    x = np.asarray(samples, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.ndim != 2:
-        raise ValueError(f"samples must have shape (n, d) or (n,), got {x.shape}")
-    n_in, d = x.shape
-    x = x[np.isfinite(x).all(axis=1)]
-    n = x.shape[0]
+    prepared = [_prepare(s) for s in samples]
+    out: list[GaussianityResult | None] = [None] * len(prepared)
+    groups: dict[int, list[int]] = {}
+    for b, (x, n_in) in enumerate(prepared):
+        n, d = x.shape
+        if n < th.min_n:
+            reason = f"only {n} finite rows (< min_n = {th.min_n})"
+            out[b] = _skipped(n_in, d, n, n_in - n, reason, th)
+        else:
+            groups.setdefault(n, []).append(b)
+    for n, members in groups.items():
+        # The subsamples depend on (seed, n) only: the same for every sample of the group.
+        rng = np.random.default_rng(seed)
+
+        def rows(cap: int) -> NDArray[np.intp] | None:
+            return None if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))
+
+        shapiro_rows = rows(th.shapiro_max_n)
+        pair_rows = rows(th.pairwise_max_n)
+        xs = [prepared[b][0] for b in members]
+        for b, x, cs in zip(members, xs, coordinate_stats_many(xs, shapiro_rows), strict=True):
+            out[b] = _assess_one(x, prepared[b][1], cs, pair_rows, th)
+    return [r for r in out if r is not None]
+
+
+def _assess_one(
+    x: FloatArray, n_in: int, cs: CoordinateStats, pair_rows: NDArray[np.intp] | None,
+    th: GaussianityThresholds,
+) -> GaussianityResult:  # fmt: skip
+    """Rules, multivariate statistics and verdict of one sample given its coordinate stats."""
+    n, d = x.shape
     n_bad = n_in - n
-    if n < th.min_n:
-        return _skipped(n_in, d, n, n_bad, f"only {n} finite rows (< min_n = {th.min_n})", th)
-    rng = np.random.default_rng(seed)
-
-    def rows(cap: int) -> NDArray[np.intp] | None:
-        return None if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))
-
-    cs = coordinate_stats(x, rows(th.shapiro_max_n))
     ok = np.isfinite(cs.skewness)
     if not ok.any():
         return _skipped(n_in, d, n, n_bad, "every coordinate is constant", th)
     cr = _coordinate_rules(cs, n, th)
     flags = cr.flags
-    xo = x[:, ok]
-    w = mvn.whiten(xo)
-    hr = _head_rules(xo, w, rows(th.pairwise_max_n), th)
+    xo = x if ok.all() else x[:, ok]
+    # Without a row subsample the pairwise statistics need the whitened rows themselves;
+    # otherwise the distances suffice (cheaper).
+    w = mvn.whiten(xo) if pair_rows is None else mvn.mahalanobis(xo)
+    hr = _head_rules(xo, w, pair_rows, th)
     qskew_thr = max(th.quantile_skew_abs, 3 * QSKEW_NULL_SD / math.sqrt(n))
     verdict = _verdict(cs, hr is not None and hr.heavy, hr is not None and hr.light,
                        hr is not None and hr.exceed, flags, th, qskew_thr)  # fmt: skip
@@ -874,6 +665,8 @@ def assess_gaussianity(
     g1, g2 = cs.skewness, cs.excess_kurtosis
     with np.errstate(invalid="ignore"):
         good = (np.abs(g1) < 0.5) & (np.abs(g2) < 1.0)
+    pvalues = dict(cs.pvalues)
+    bh = bh_adjust_rows(np.stack([pvalues[t] for t in TESTS]))
     return GaussianityResult(
         n=n_in, n_used=n, d=d, n_nonfinite_rows=n_bad, n_degenerate=int((~ok).sum()),
         d_eff=w.d_eff, is_gaussian=verdict == "gaussian-like", verdict=verdict,
@@ -901,8 +694,8 @@ def assess_gaussianity(
         coord_skewness=g1, coord_excess_kurtosis=g2,
         coord_quantile_skewness=cs.quantile_skewness, coord_ks_distance=cs.ks_distance,
         coord_wasserstein_sigma=cs.wasserstein_sigma, coord_qq_corr=cs.qq_corr,
-        coord_flagged=flags, pvalues=dict(cs.pvalues),
-        pvalues_bh={t: bh_adjust(p) for t, p in cs.pvalues.items()},
+        coord_flagged=flags, pvalues=pvalues,
+        pvalues_bh={t: bh[i] for i, t in enumerate(TESTS)},
         effective_thresholds={
             "z_coordinate": cr.z, "ks_distance": cr.ks_threshold,
             "quantile_skewness": qskew_thr, "mardia_z_low": mz_lo, "mardia_z_high": mz_hi,
