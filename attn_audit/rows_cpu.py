@@ -43,9 +43,6 @@ _FM = {"nsz", "arcp", "contract", "reassoc"}
 """Fast-math flags of the streaming loops: reassociation lets LLVM vectorise the sums. No
 ``nnan`` / ``ninf``: masked keys are -inf."""
 
-_FM_SCAN = {"nsz", "arcp", "contract", "reassoc", "nnan"}
-"""The scan may assume no NaN (scores never hold NaN; see ``row_metrics``)."""
-
 _CLAMP = -300.0
 """Floor of the exp() argument: e^-300 and its square are normal float64 numbers (no slow
 subnormal arithmetic); keys further down carry less than n * 5e-131 of the mass."""
@@ -104,53 +101,37 @@ def _exp_neg(d: float) -> float:
     return p * _i64_as_f64((np.int64(k) + 1023) << 52)
 
 
-@numba.njit(fastmath=_FM_SCAN, cache=True)
-def _scan(x, lo, hi):  # type: ignore[no-untyped-def]
-    """Max, min over allowed keys and allowed count of x[lo:hi].
+@numba.njit(cache=True)
+def _scan(xi, lo, hi, mask, neg_inf):  # type: ignore[no-untyped-def]
+    """Order keys of the max and of the min over allowed keys, and the allowed count, of
+    x[lo:hi], read through its integer view xi (int32 for float32, int64 for float64).
 
-    Four independent accumulators: LLVM does not vectorise these select reductions, and one
-    accumulator would serialise on its latency.
+    The key ``b ^ (mask if b < 0 else 0)`` of a float's bits b orders like the float (mask =
+    the integer type's max); integer reductions vectorise, float max / min here do not.
+    neg_inf: the bits of -inf (masked keys).
     """
-    m0 = m1 = m2 = m3 = -np.inf
-    l0 = l1 = l2 = l3 = np.inf
+    zero = mask ^ mask
+    mxk = ~mask
+    mnk = mask
     c = 0
-    h4 = hi - (hi - lo) % 4
-    for j in range(lo, h4, 4):
-        v0 = np.float64(x[j])
-        v1 = np.float64(x[j + 1])
-        v2 = np.float64(x[j + 2])
-        v3 = np.float64(x[j + 3])
-        m0 = v0 if v0 > m0 else m0
-        m1 = v1 if v1 > m1 else m1
-        m2 = v2 if v2 > m2 else m2
-        m3 = v3 if v3 > m3 else m3
-        w0 = v0 if v0 > -np.inf else np.inf
-        w1 = v1 if v1 > -np.inf else np.inf
-        w2 = v2 if v2 > -np.inf else np.inf
-        w3 = v3 if v3 > -np.inf else np.inf
-        l0 = w0 if w0 < l0 else l0
-        l1 = w1 if w1 < l1 else l1
-        l2 = w2 if w2 < l2 else l2
-        l3 = w3 if w3 < l3 else l3
-        c += (v0 > -np.inf) + (v1 > -np.inf) + (v2 > -np.inf) + (v3 > -np.inf)
-    for j in range(h4, hi):
-        v0 = np.float64(x[j])
-        m0 = v0 if v0 > m0 else m0
-        w0 = v0 if v0 > -np.inf else np.inf
-        l0 = w0 if w0 < l0 else l0
-        c += v0 > -np.inf
-    return max(max(m0, m1), max(m2, m3)), min(min(l0, l1), min(l2, l3)), c
+    for j in range(lo, hi):
+        b = xi[j]
+        k = b ^ (mask if b < zero else zero)
+        mxk = max(mxk, k)
+        a = b != neg_inf
+        mnk = min(mnk, k if a else mask)
+        c += 1 if a else 0
+    return mxk, mnk, c
 
 
 @numba.njit(cache=True)
-def _row_extent(x, n, q):  # type: ignore[no-untyped-def]
+def _row_extent(xi, n, q, mask, neg_inf):  # type: ignore[no-untyped-def]
     """1 + the last allowed column of x[:n]; q + 1 (the causal guess) is verified first."""
     ln = n
     if 0 <= q < n - 1:
-        tail_max, _, _ = _scan(x, q + 1, n)
-        if tail_max == -np.inf:
+        if _scan(xi, q + 1, n, mask, neg_inf)[2] == 0:
             ln = q + 1
-    while ln > 0 and x[ln - 1] == -np.inf:  # padding or other masks
+    while ln > 0 and xi[ln - 1] == neg_inf:  # padding or other masks
         ln -= 1
     return ln
 
@@ -295,9 +276,11 @@ def _region_sums(e, x, mx, j0, j1):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def _rows(x, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb, dcap,
+def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb, dcap,
           ints, k_all, k_ns, tail, flt, redo, write_w, w_out, mass):  # type: ignore[no-untyped-def]
     """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head].
+
+    xi: the integer view of x; mask / neg_inf: see :func:`_scan`.
 
     mass[i] receives the sum of exp(x[i] - row max) over allowed keys (0 for a row without
     any); with write_w, w_out[i] (rows, n) receives those weights (0 on masked keys).
@@ -321,11 +304,17 @@ def _rows(x, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb
     b_all = np.empty(n_eps, np.int64)
     b_ns = np.empty(n_eps, np.int64)
     b_bd = np.empty(n_bud, np.int64)
+    bits = np.empty(2, xi.dtype)  # decode order keys to floats through this
+    vals = bits.view(x.dtype)
     for i in range(row0, row1):
         xr = x[i]
         q = q_pos[i % n_rows_per_head]
-        ln = _row_extent(xr, n, q)
-        mx, mn, cnt = _scan(xr, 0, ln)
+        ln = _row_extent(xi[i], n, q, mask, neg_inf)
+        kmx, kmn, cnt = _scan(xi[i], 0, ln, mask, neg_inf)
+        bits[0] = kmx ^ (mask if kmx < 0 else mask ^ mask)
+        bits[1] = kmn ^ (mask if kmn < 0 else mask ^ mask)
+        mx = np.float64(vals[0])
+        mn = np.float64(vals[1])
         ints[i, 0] = cnt
         mass[i] = 0.0
         if cnt == 0:
@@ -535,7 +524,10 @@ def rows_kernel(
     eps_a = np.asarray(eps, dtype=np.float64)
     bud_a = np.asarray(budgets, dtype=np.int64)
     q = np.ascontiguousarray(q_pos, dtype=np.int64)
-    args = (x, q, rows_per_head)
+    ity = np.int32 if x.dtype == np.float32 else np.int64
+    xi = x.view(ity)
+    neg_inf = np.array([-np.inf], dtype=x.dtype).view(ity)[0]
+    args = (x, xi, ity(np.iinfo(ity).max), neg_inf, q, rows_per_head)
     write_w = weights_out is not None
     w_out = weights_out if write_w else np.empty((1, 1), np.float32)
     rest = (eps_a, bud_a, int(sinks), int(window), nb, dcap, ints, k_all, k_ns, tail, flt, redo,
@@ -544,9 +536,12 @@ def rows_kernel(
     if threads == 1 or rows == 0:
         _rows(*args, 0, rows, *rest)
     else:
+        # the calling thread takes the last share itself (one thread fewer to wake)
         step = -(-rows // threads)
-        futures = [_pool(threads).submit(_rows, *args, a, min(rows, a + step), *rest)
-                   for a in range(0, rows, step)]
+        starts = list(range(0, rows, step))
+        futures = [_pool(threads - 1).submit(_rows, *args, a, min(rows, a + step), *rest)
+                   for a in starts[:-1]]
+        _rows(*args, starts[-1], rows, *rest)
         for f in futures:
             f.result()
     out = {"n_keys": ints[:, 0], "n_bulk": ints[:, 1], "k_eps": k_all, "k_eps_sinks": k_ns,
