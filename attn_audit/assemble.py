@@ -395,8 +395,16 @@ def _add_gaussianity(heads: list[dict[str, Any]], s: dict[str, Any], config: Aud
     for key in wanted:
         batches.setdefault((key[0], -1 if key[0] == "logits" else key[1]), []).append(key)
     computed: dict[tuple[str, int, int], tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
-    for keys in batches.values():
-        computed.update(zip(keys, gaussianity_blocks([wanted[k] for k in keys], config.seed), strict=True))
+    # numpy releases the GIL in the heavy loops: the batches run on every core the process has
+    # (each batch is seeded on its own, so the results do not depend on the scheduling)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(keys: list[tuple[str, int, int]]) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        return gaussianity_blocks([wanted[k] for k in keys], config.seed)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        for keys, blocks in zip(batches.values(), pool.map(run, batches.values()), strict=True):
+            computed.update(zip(keys, blocks, strict=True))
     cache = {key: computed[key] for key in wanted}  # head order, as the joint BH families below
     for rec in heads:
         l, h, g = rec["layer"], rec["head"], rec["kv_head"]
@@ -422,6 +430,16 @@ def _add_gaussianity(heads: list[dict[str, Any]], s: dict[str, Any], config: Aud
     for rec in heads:
         for site, blk in rec["gaussianity"].items():
             blk.setdefault("bh_family", "per site and test, all coordinates of all heads")
+
+
+def _workers() -> int:
+    """Threads for the statistics: the cores this process may use (at most 8)."""
+    import os
+
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not on Linux
+        return max(1, min(8, os.cpu_count() or 1))
 
 
 def _add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
