@@ -273,14 +273,18 @@ class Accumulator:
         # call returns the layer's output (weights @ V, eager attention's own formula) in place of
         # the model's sdpa, which would compute Q K^T a second time.
         fuse = self._can_fuse(call, rows)
+        # plain causal attention without padding: the kernel applies "key <= query" itself and
+        # the scores need no -inf written into them
+        causal_only = (call.is_causal and not call.sliding_window and call.query.shape[2] == keys_total
+                       and bool(mask.all()))
         out = torch.empty(b, self.H, q.shape[2], self.head_dim) if fuse else None
         parts = []
         for start in range(0, len(rows), step):
             blk = rows[start : start + step]
             n_keys = int(blk.max()) + 1 if call.is_causal else keys_total
-            s = scores(call, blk, n_keys)  # (batch, head, R, keys)
+            s = scores(call, blk, n_keys, masked=not causal_only)  # (batch, head, R, keys)
             w = self._buffer("weights", s.shape) if fuse else None
-            m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec,
+            m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec, causal=causal_only,
                             weights_out=None if w is None else w.view(b * self.H, len(blk), n_keys))
             parts.append(m)
             if start + step >= len(rows):

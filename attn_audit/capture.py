@@ -180,9 +180,11 @@ def allowed_mask(
 
 
 def scores(
-    call: AttentionCall, rows: slice | torch.Tensor | None = None, keys: int | None = None
+    call: AttentionCall, rows: slice | torch.Tensor | None = None, keys: int | None = None,
+    masked: bool = True,
 ) -> torch.Tensor:
-    """Pre-softmax logits in float32, disallowed keys set to -inf.
+    """Pre-softmax logits in float32, disallowed keys set to -inf (``masked=False``: left as
+    computed, for callers that apply a known causal mask themselves).
 
     Returns:
         (batch, head, rows, keys) float32; query head h reads KV head h // (H_q / H_kv).
@@ -197,6 +199,8 @@ def scores(
     s.mul_(call.scaling)
     if call.softcap:
         s = torch.tanh(s / call.softcap) * call.softcap
+    if not masked:
+        return s
     return s.masked_fill_(~allowed_mask(call, rows, k.shape[2]), float("-inf"))
 
 

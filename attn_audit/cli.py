@@ -14,6 +14,10 @@ import sys
 # numpy's BLAS threads fight torch's for the same cores; the small matrices of the statistics
 # run faster single-threaded (eigh of 64x64: 11 ms -> <1 ms under load).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# torch's OpenMP workers busy-wait ~ms after each op by default; the row kernel's threads run
+# right after the score matmuls and would share the cores with them (audit 41 s -> 34 s at
+# 8 x 1024, forward unchanged). Read by libgomp when torch loads, so it is set here.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from pathlib import Path
 from typing import Any, NoReturn
 

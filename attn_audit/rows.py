@@ -300,6 +300,7 @@ def row_metrics(
     backend: str = "auto",
     chunk_elems: int = 1 << 19,
     weights_out: torch.Tensor | None = None,
+    causal: bool = False,
     _force_fallback: bool = False,
 ) -> RowMetrics:
     """Exact per-row sparsity metrics without sorting whole rows.
@@ -318,6 +319,8 @@ def row_metrics(
         that receives the unnormalised attention weights exp(s - row max) (0 on masked keys);
         their row sums come back in ``mass``, so that ``weights_out / mass`` is the softmax
         (the caller finishes the attention output without another pass over the logits).
+    causal: keys j > q_pos[r] are disallowed whatever ``scores`` holds there (the caller
+        need not write -inf into them).
 
     Returns a :class:`RowMetrics` whose fields have leading shape (G, R), on the device of
     ``scores``. ``n_keys``, ``k_eps``, ``k_eps_sinks`` and ``max_score`` equal those of
@@ -329,7 +332,12 @@ def row_metrics(
     g, r, n = _check_inputs(scores, q_pos)
     if backend not in ("auto", "cpu", "torch"):
         raise ValueError(f"backend must be auto, cpu or torch, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and scores.device.type != "cpu"):
+    use_torch = backend == "torch" or (backend == "auto" and scores.device.type != "cpu")
+    if causal and use_torch:
+        cols = torch.arange(n, device=scores.device)
+        late = cols[None, :] > q_pos.to(scores.device)[:, None]  # (R, n)
+        scores = scores.masked_fill(late, float("-inf"))
+    if use_torch:
         from attn_audit.rows_torch import torch_row_metrics
 
         res = torch_row_metrics(scores, q_pos, spec, chunk_elems=chunk_elems,
@@ -339,11 +347,12 @@ def row_metrics(
             torch.exp(scores - mx.masked_fill(mx == float("-inf"), 0.0), out=weights_out)
             res.mass = weights_out.sum(-1, dtype=torch.float64)
         return res
-    return _cpu_row_metrics(scores, q_pos, spec, _force_fallback, weights_out)
+    return _cpu_row_metrics(scores, q_pos, spec, _force_fallback, weights_out, causal)
 
 
 def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
-                     force_fallback: bool, weights_out: torch.Tensor | None = None) -> RowMetrics:
+                     force_fallback: bool, weights_out: torch.Tensor | None = None,
+                     causal: bool = False) -> RowMetrics:
     """The compiled kernel (:mod:`attn_audit.rows_cpu`) on a CPU copy of (G, R, n) scores."""
     from attn_audit.rows_cpu import rows_kernel
 
@@ -361,7 +370,8 @@ def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
             raise ValueError("weights_out must be a contiguous float32 CPU tensor shaped like scores")
         w_np = weights_out.view(g * r, n).numpy()
     out = rows_kernel(x.numpy(), q_pos.detach().cpu().numpy(), r, spec.eps, spec.budgets,
-                      spec.sinks, spec.window, threads=torch.get_num_threads(), weights_out=w_np)
+                      spec.sinks, spec.window, threads=torch.get_num_threads(), weights_out=w_np,
+                      causal=causal)
     mass = out.pop("mass") if weights_out is not None else None
     out.pop("mass", None)
     redo = out.pop("redo")
@@ -372,7 +382,11 @@ def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
     step = max(1, (1 << 22) // max(n, 1))
     for a0 in range(0, len(idx), step):  # rows inside the rounding margin: the reference decides
         rows = idx[a0 : a0 + step]
-        _, _, k, ks, tail = _exact_sorted(x[rows], spec)
+        xr = x[rows]
+        if causal:
+            late = torch.arange(n)[None, :] > q_pos.cpu()[rows % r][:, None]
+            xr = xr.masked_fill(late, float("-inf"))
+        _, _, k, ks, tail = _exact_sorted(xr, spec)
         res["k_eps"][rows] = k
         res["k_eps_sinks"][rows] = ks
         res["tail_mass"][rows] = tail

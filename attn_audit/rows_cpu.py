@@ -277,10 +277,11 @@ def _region_sums(e, x, mx, j0, j1):  # type: ignore[no-untyped-def]
 
 @numba.njit(nogil=True, cache=True)
 def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb, dcap,
-          ints, k_all, k_ns, tail, flt, redo, write_w, w_out, mass):  # type: ignore[no-untyped-def]
+          ints, k_all, k_ns, tail, flt, redo, write_w, w_out, mass, causal):  # type: ignore[no-untyped-def]
     """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head].
 
-    xi: the integer view of x; mask / neg_inf: see :func:`_scan`.
+    xi: the integer view of x; mask / neg_inf: see :func:`_scan`. With causal, keys after the
+    row's query position are disallowed whatever x holds there.
 
     mass[i] receives the sum of exp(x[i] - row max) over allowed keys (0 for a row without
     any); with write_w, w_out[i] (rows, n) receives those weights (0 on masked keys).
@@ -309,7 +310,12 @@ def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets
     for i in range(row0, row1):
         xr = x[i]
         q = q_pos[i % n_rows_per_head]
-        ln = _row_extent(xi[i], n, q, mask, neg_inf)
+        if causal:
+            ln = max(0, min(n, q + 1))
+            while ln > 0 and xi[i, ln - 1] == neg_inf:
+                ln -= 1
+        else:
+            ln = _row_extent(xi[i], n, q, mask, neg_inf)
         kmx, kmn, cnt = _scan(xi[i], 0, ln, mask, neg_inf)
         bits[0] = kmx ^ (mask if kmx < 0 else mask ^ mask)
         bits[1] = kmn ^ (mask if kmn < 0 else mask ^ mask)
@@ -500,6 +506,7 @@ def rows_kernel(
     window: int,
     threads: int = 1,
     weights_out: np.ndarray | None = None,
+    causal: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-row metrics of x (rows, n), float32 or float64 C-contiguous, ``-inf`` = masked.
 
@@ -510,6 +517,7 @@ def rows_kernel(
     and ``redo`` (bool: rows the caller must recompute with the sort-based reference).
     ``weights_out`` (rows, n), if given, receives the unnormalised attention weights
     exp(s - row max) (0 on masked keys), so that ``weights_out / mass`` is the softmax.
+    ``causal``: keys j > q_pos of the row are disallowed whatever x holds (no need to mask them).
     """
     rows, n = x.shape
     nb = _num_bins(n)
@@ -531,7 +539,7 @@ def rows_kernel(
     write_w = weights_out is not None
     w_out = weights_out if write_w else np.empty((1, 1), np.float32)
     rest = (eps_a, bud_a, int(sinks), int(window), nb, dcap, ints, k_all, k_ns, tail, flt, redo,
-            write_w, w_out, mass)
+            write_w, w_out, mass, bool(causal))
     threads = max(1, min(threads, rows // 64 or 1))
     if threads == 1 or rows == 0:
         _rows(*args, 0, rows, *rest)

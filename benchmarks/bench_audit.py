@@ -29,6 +29,8 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI sets them (attn_audit/cli.py)
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def _rss_mb(field: str = "VmRSS") -> float:

@@ -365,3 +365,19 @@ def test_weights_out_are_the_softmax(backend: str) -> None:
     torch.testing.assert_close(got, ref, atol=1e-7, rtol=1e-6)
     assert (w[s == NINF] == 0).all() and (m.mass[1, 3] == 0)
     assert torch.equal(m.k_eps, row_metrics(s, q, spec, backend=backend).k_eps)
+
+
+@by_backend
+@settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
+@given(c=cases)
+def test_causal_flag_ignores_values_after_the_query(c: dict, backend: str) -> None:
+    """causal=True: keys after q_pos are disallowed whatever they hold (here: large finite
+    values), with the same result as scores masked with -inf there."""
+    s, q, spec = build(c)
+    late = torch.arange(s.shape[-1])[None, :] > q[:, None]  # (R, n)
+    junk = s.masked_fill(late, 50.0)
+    ref = reference_row_metrics(s.masked_fill(late, NINF), q, spec)
+    w = torch.empty_like(s)
+    got = row_metrics(junk, q, spec, backend=backend, causal=True, weights_out=w)
+    assert_matches(got, ref)
+    assert (w[..., late] == 0).all()
