@@ -11,6 +11,7 @@ no mask at all, which would silently drop padding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -195,8 +196,12 @@ def scores(
     hkv = k.shape[1]
     groups = hq // hkv
     q = q.float().reshape(b, hkv, groups * r, d)
-    s = torch.matmul(q, k.float().transpose(-1, -2)).view(b, hq, r, k.shape[2])
-    s.mul_(call.scaling)
+    mant, _ = math.frexp(call.scaling)
+    if mant == 0.5:  # a power of two (d_head ** -0.5 for d_head = 4^j) scales q exactly: same bits,
+        s = torch.matmul(q * call.scaling, k.float().transpose(-1, -2)).view(b, hq, r, k.shape[2])
+    else:  # and a pass over the (much larger) scores saved; else scale after, as eager does
+        s = torch.matmul(q, k.float().transpose(-1, -2)).view(b, hq, r, k.shape[2])
+        s.mul_(call.scaling)
     if call.softcap:
         s = torch.tanh(s / call.softcap) * call.softcap
     if not masked:
