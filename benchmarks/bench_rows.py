@@ -12,11 +12,12 @@ it prints the best-of-N wall time of
 * ``sort``        torch.sort(S, -1, descending=True), float32 (what a naive exact k_eps
                   needs at least),
 * ``reference``   reference_row_metrics (float64 softmax, two sorts, cumsum; 1 run),
-* ``row_metrics`` the kernel, eps = (0.01, 0.05, 0.1), budgets (16, 64, 256), 1 sink,
+* ``cpu``         row_metrics with the compiled CPU kernel (attn_audit/rows_cpu.py),
+* ``torch``       row_metrics with the vectorised torch kernel (used on GPUs),
 
-and how the kernel settled the rows: from the histogram bounds alone, by sorting the keys
-of the boundary bins, or by the exact sort-based fallback.  Best-of-N is used because the
-machine may be shared; the load average is printed.
+both with eps = (0.01, 0.05, 0.1), budgets (16, 64, 256), 1 sink, and the share of rows the
+CPU kernel hands to the exact sort-based fallback.  Best-of-N is used because the machine may
+be shared; the load average is printed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from attn_audit import rows as rows_mod  # noqa: E402
 from attn_audit.rows import RowSpec, reference_row_metrics, row_metrics  # noqa: E402
 
 
@@ -61,28 +61,14 @@ def best_of(fn: Callable[[], object], reps: int) -> float:
     return best
 
 
-def resolution(sc: torch.Tensor, qp: torch.Tensor, spec: RowSpec) -> tuple[float, float]:
-    """Fractions of rows that needed the boundary-bin sort and the exact fallback."""
-    seen = {"select": 0, "fallback": 0}
-    sel, exact = rows_mod._select, rows_mod._exact_sorted
+def fallback_share(sc: torch.Tensor, qp: torch.Tensor, spec: RowSpec) -> float:
+    """Fraction of rows the CPU kernel hands back to the sort-based reference (rounding margin)."""
+    from attn_audit.rows_cpu import rows_kernel
 
-    def spy_sel(xr, rows, *a, **k):  # type: ignore[no-untyped-def]
-        vals, ok = sel(xr, rows, *a, **k)
-        fams = a[-1]  # rows with at least one target left to the boundary-bin sort
-        seen["select"] += int(torch.stack([f[2].any(1) for f in fams]).any(0).sum())
-        return vals, ok
-
-    def spy_exact(x, sp):  # type: ignore[no-untyped-def]
-        seen["fallback"] += x.shape[0]
-        return exact(x, sp)
-
-    rows_mod._select, rows_mod._exact_sorted = spy_sel, spy_exact
-    try:
-        row_metrics(sc, qp, spec)
-    finally:
-        rows_mod._select, rows_mod._exact_sorted = sel, exact
-    tot = sc.shape[0] * sc.shape[1]
-    return seen["select"] / tot, seen["fallback"] / tot
+    g, r, n = sc.shape
+    out = rows_kernel(sc.reshape(g * r, n).numpy(), qp.numpy(), r, spec.eps, spec.budgets,
+                      spec.sinks, spec.window)
+    return float(out["redo"].mean())
 
 
 def main() -> None:
@@ -101,22 +87,23 @@ def main() -> None:
     spec = RowSpec(eps=(0.01, 0.05, 0.1))
     print(
         f"{'shape (G,R,n)':>17} {'s':>2} {'softmax':>8} {'sort':>8} {'reference':>10}"
-        f" {'row_metrics':>12} {'x softmax':>9} {'bin-sort':>8} {'fallback':>8}"
+        f" {'cpu':>8} {'x softmax':>9} {'torch':>8} {'fallback':>8}"
     )
     for shape in [(9, 1024, 1024), (9, 256, 4096)]:
         for s in (1.0, 2.0, 4.0):
             sc, qp = make_scores(*shape, s)
-            t_rm = best_of(lambda: row_metrics(sc, qp, spec), reps)
+            t_rm = best_of(lambda: row_metrics(sc, qp, spec, backend="cpu"), reps)
+            t_tk = best_of(lambda: row_metrics(sc, qp, spec, backend="torch"), max(1, reps // 3))
             t_sm = best_of(lambda: torch.softmax(sc, -1), reps)
             t_so = best_of(lambda: torch.sort(sc, -1, descending=True), max(1, reps // 3))
             t_ref = float("nan")
             if not args.quick:
                 t_ref = best_of(lambda: reference_row_metrics(sc, qp, spec), 1)
-            sel, fb = resolution(sc, qp, spec)
+            fb = fallback_share(sc, qp, spec)
             print(
                 f"{str(shape):>17} {s:2.0f} {t_sm * 1e3:6.1f}ms {t_so * 1e3:6.1f}ms"
-                f" {t_ref * 1e3:8.1f}ms {t_rm * 1e3:10.1f}ms {t_rm / t_sm:9.1f}"
-                f" {sel * 100:7.1f}% {fb * 100:7.2f}%",
+                f" {t_ref * 1e3:8.1f}ms {t_rm * 1e3:6.1f}ms {t_rm / t_sm:9.1f}"
+                f" {t_tk * 1e3:6.1f}ms {fb * 100:7.2f}%",
                 flush=True,
             )
 
