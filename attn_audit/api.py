@@ -282,7 +282,9 @@ def audit(
     weights = [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w] if w else None
     if weights is not None:
         run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
+    t1 = time.perf_counter()
     result = assemble(data, summaries, config, weights=weights)
+    result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
     if config.verify:
         from attn_audit.verify import verify_plan
 

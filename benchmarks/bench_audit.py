@@ -4,7 +4,8 @@ For each length, in one process: load the bundled SmolLM2, time the plain forwar
 capture) of the token batch, then time the audit of the same batch with every row measured
 (``--exact``: capture, exact k_eps of every row, reservoirs, statistics, ranking), and print
 
-    seq_len=1024 sequences=8 forward_s=... audit_s=... ratio=<audit / forward> added_rss_mb=...
+    seq_len=1024 sequences=8 forward_s=... audit_s=... ratio=<audit / forward> capture_s=...
+    statistics_s=... capture_ratio=<capture / forward> ... added_rss_mb=...
 
 Each length gets the same token budget (``--tokens``, default 8192: 8 x 1024, 2 x 4096). The
 row kernel is compiled by numba on first use and cached on disk; a tiny warm-up call before the
@@ -83,7 +84,7 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
     cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size, exact=True,
                       device=device)
     t0 = time.perf_counter()
-    audit(lm.model, lm.tokenizer, DataSpec(), cfg, info=lm.info, progress=NullProgress())
+    res = audit(lm.model, lm.tokenizer, DataSpec(), cfg, info=lm.info, progress=NullProgress())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     aud = time.perf_counter() - t0
@@ -94,6 +95,11 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
         "forward_s": round(fwd, 3),
         "audit_s": round(aud, 3),
         "ratio": round(aud / fwd, 3) if fwd == fwd else None,
+        # the split: capture (data, forward with the exact kernel) and the statistics, whose cost
+        # is fixed per run (Gaussianity of every head's reservoir, theory, ranking)
+        "capture_s": res.run["elapsed_s"],
+        "statistics_s": res.run["statistics_s"],
+        "capture_ratio": round(res.run["elapsed_s"] / fwd, 3) if fwd == fwd else None,
         "rss_loaded_mb": round(rss_loaded, 1),
         "peak_rss_mb": round(peak, 1),
         "added_rss_mb": round(peak - rss_loaded, 1),
