@@ -544,12 +544,16 @@ def rows_kernel(
     if threads == 1 or rows == 0:
         _rows(*args, 0, rows, *rest)
     else:
-        # the calling thread takes the last share itself (one thread fewer to wake)
-        step = -(-rows // threads)
-        starts = list(range(0, rows, step))
-        futures = [_pool(threads - 1).submit(_rows, *args, a, min(rows, a + step), *rest)
-                   for a in starts[:-1]]
-        _rows(*args, starts[-1], rows, *rest)
+        # chunks handed out on demand (rows differ in length), the calling thread works too
+        step = max(32, -(-rows // (4 * threads)))
+        starts = iter(range(0, rows, step))  # next() on it is atomic under the GIL
+
+        def work() -> None:
+            for a in starts:
+                _rows(*args, a, min(rows, a + step), *rest)
+
+        futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
+        work()
         for f in futures:
             f.result()
     out = {"n_keys": ints[:, 0], "n_bulk": ints[:, 1], "k_eps": k_all, "k_eps_sinks": k_ns,
