@@ -16,6 +16,7 @@ rounding margin; those are recomputed here with the reference routine itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,6 +32,17 @@ __all__ = [
 _CAP_NATS = 16.0
 """Bins cover at most ``ln(n) + _CAP_NATS`` nats below the row maximum; keys further away
 carry at most ``n * e^-(ln n + 16) = 1.1e-7`` of the mass together."""
+
+
+def num_bins(n: int) -> int:
+    """Regular histogram bins per row for rows of length n (both kernels): about n/4,
+    between 64 and 4096."""
+    return int(min(4096, max(64, n // 4)))
+
+
+def bin_span_cap(n: int) -> float:
+    """Largest distance (nats below the row max) resolved by the bins for rows of length n."""
+    return min(math.log(max(n, 2)) + _CAP_NATS, 40.0)
 
 
 @dataclass(frozen=True)
@@ -372,8 +384,9 @@ def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
     out = rows_kernel(x.numpy(), q_pos.detach().cpu().numpy(), r, spec.eps, spec.budgets,
                       spec.sinks, spec.window, threads=torch.get_num_threads(), weights_out=w_np,
                       causal=causal)
-    mass = out.pop("mass") if weights_out is not None else None
-    out.pop("mass", None)
+    mass = out.pop("mass")
+    if weights_out is None:
+        mass = None
     redo = out.pop("redo")
     if force_fallback:
         redo = out["n_keys"] > 0

@@ -47,7 +47,6 @@ _CLAMP = -300.0
 """Floor of the exp() argument: e^-300 and its square are normal float64 numbers (no slow
 subnormal arithmetic); keys further down carry less than n * 5e-131 of the mass."""
 
-_CAP_NATS = 16.0
 _MARGIN_ULPS = 8.0
 _U64 = 2.0**-53
 
@@ -477,11 +476,6 @@ def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets
         redo[i] = not ok_all
 
 
-def _num_bins(n: int) -> int:
-    """Histogram bins for rows of length n: about n/4, between 64 and 4096."""
-    return int(min(4096, max(64, n // 4)))
-
-
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 
@@ -520,8 +514,10 @@ def rows_kernel(
     ``causal``: keys j > q_pos of the row are disallowed whatever x holds (no need to mask them).
     """
     rows, n = x.shape
-    nb = _num_bins(n)
-    dcap = min(math.log(max(n, 2)) + _CAP_NATS, 40.0)
+    from attn_audit.rows import bin_span_cap, num_bins
+
+    nb = num_bins(n)
+    dcap = bin_span_cap(n)
     ints = np.empty((rows, N_INT), np.int64)
     k_all = np.empty((rows, len(eps)), np.int64)
     k_ns = np.empty((rows, len(eps)), np.int64)

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from attn_audit.rows import (
-    _CAP_NATS,
+    bin_span_cap as _dcap,
+    num_bins as _num_bins,
     RowMetrics,
     RowSpec,
     _check_inputs,
@@ -61,17 +62,6 @@ _DELTA = 1e-6  # relative widening of the per-bin bounds on a key's mass
 _TAIL_TOL = 1e-7  # accepted half-width (fraction of the row mass) of a bound-based tail
 _OVER = 16  # width of the overflow bin group (keys spread over it by column)
 _BLOCK_ELEMS = 1 << 21  # scores per block (bounds the block scratch memory)
-
-
-def _num_bins(n: int) -> int:
-    """Regular histogram bins per row for rows of length n: about n/4, between 64 and
-    4096.  Bins nb .. nb + _OVER - 1 form the overflow bin."""
-    return int(min(4096, max(64, n // 4)))
-
-
-def _dcap(n: int) -> float:
-    """Largest distance (nats below the row max) resolved by the bins for rows of length n."""
-    return min(math.log(max(n, 2)) + _CAP_NATS, 40.0)
 
 
 _WS = threading.local()
@@ -704,23 +694,10 @@ def torch_row_metrics(
     chunk_elems: int = 1 << 19,
     force_fallback: bool = False,
 ) -> RowMetrics:
-    """Exact per-row sparsity metrics without sorting whole rows.
+    """:func:`attn_audit.rows.row_metrics` with the vectorised torch kernel (any device).
 
-    scores: float (G, R, n) pre-softmax logits (float32 typically; already scaled /
-        soft-capped) with disallowed keys set to ``-inf`` (causal, padding and
-        sliding-window masks are encoded this way). Key j has position j. ``+inf`` and NaN
-        are not allowed.
-    q_pos: int64 (R,) position of each query row (used for the local window, and as a hint
-        for skipping fully masked trailing key columns).
-    spec: what to measure.
-    chunk_elems: scores streamed per step (cache-sized).
-
-    Returns a :class:`RowMetrics` whose fields have leading shape (G, R).  ``n_keys``,
-    ``k_eps``, ``k_eps_sinks`` and ``max_score`` equal those of
-    :func:`reference_row_metrics` exactly; the masses (tail, sink / local / bulk),
-    entropy and participation agree to ~1e-12 (tail masses of keys more than ln n + 16
-    nats below the row maximum: < 1.2e-7); bulk statistics to ~1e-12 relative.
-    Rows with no allowed key get ``n_keys = k_eps = k_eps_sinks = 0`` and NaN float fields.
+    Same arguments, result and guarantees as ``row_metrics``; ``chunk_elems`` scores are
+    streamed per step, and bins nb .. nb + _OVER - 1 form the overflow bin.
     """
     g, r, n = _check_inputs(scores, q_pos)
     dev = scores.device

@@ -532,6 +532,12 @@ def r_variants(
     w_op = float(np.sqrt(sv2.max()))
     wq_op = float(np.sqrt(max(np.linalg.eigvalsh(gq).max(), 0.0)))
     wk_op = float(np.sqrt(max(np.linalg.eigvalsh(gk).max(), 0.0)))
+    return _r_from_norms(w_fro, w_op, wq_op, wk_op, scale, b_max, b_p999)
+
+
+def _r_from_norms(w_fro: float, w_op: float, wq_op: float, wk_op: float, scale: float,
+                  b_max: float, b_p999: float) -> RVariants:
+    """The R bounds (§3) from the weight norms and the input-norm bounds."""
     return RVariants(
         w_fro=w_fro,
         w_op=w_op,
@@ -593,18 +599,7 @@ def r_variants_heads(
         w_op = float(np.sqrt(sv2_max[i]))
         wq_op = float(np.sqrt(max(gq_max[i], 0.0)))
         wk_op = float(np.sqrt(max(gk_max[g], 0.0)))
-        out.append(
-            RVariants(
-                w_fro=w_fro,
-                w_op=w_op,
-                wq_op=wq_op,
-                wk_op=wk_op,
-                r_f_max=scale * b_max**2 * w_fro,
-                r_f_p999=scale * b_p999**2 * w_fro,
-                r_op_max=scale * b_max**2 * wq_op * wk_op,
-                r_op_p999=scale * b_p999**2 * wq_op * wk_op,
-            )
-        )
+        out.append(_r_from_norms(w_fro, w_op, wq_op, wk_op, scale, b_max, b_p999))
     return out
 
 
