@@ -133,9 +133,10 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
         q75, q25 = np.percentile(ratio, [75, 25])
         out["log_ratio_iqr"][e_key] = float(q75 - q25)
         if np.ptp(k_meas) > 0 and np.ptp(k_fin) > 0:
-            from scipy.stats import spearmanr
-
-            out["spearman"][e_key] = float(spearmanr(k_meas, k_fin).statistic)
+            # scipy.stats.spearmanr(k_meas, k_fin).statistic, by its own steps (average ranks,
+            # then np.corrcoef of the (rows, 2) ranks) without importing scipy.stats
+            ranked = np.column_stack((theory.average_ranks(k_meas), theory.average_ranks(k_fin)))
+            out["spearman"][e_key] = float(np.corrcoef(ranked, rowvar=False)[1, 0])
     out["prediction"] = _PREDICTION_NOTE
     return out
 
@@ -154,8 +155,6 @@ def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[s
     Returns:
         One block per head, in order.
     """
-    from scipy.stats import rankdata
-
     from attn_audit import theory
 
     col = {n: i for i, n in enumerate(names)}
@@ -219,8 +218,8 @@ def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[s
             if has.any():
                 # scipy.stats.spearmanr's own steps (average ranks, then np.corrcoef of the (rows, 2) ranks)
                 ranked = np.empty((int(has.sum()), n.shape[1], 2))
-                ranked[:, :, 0] = rankdata(k_meas[has], axis=1)
-                ranked[:, :, 1] = rankdata(k_fin[has], axis=1)
+                ranked[:, :, 0] = theory.average_ranks(k_meas[has])  # = scipy.stats.rankdata(axis=1)
+                ranked[:, :, 1] = theory.average_ranks(k_fin[has])
                 rho[has] = [np.corrcoef(r, rowvar=False)[1, 0] for r in ranked]
             stat[f"rho {e_key}"] = rho
             stat[f"has_rho {e_key}"] = has

@@ -307,3 +307,59 @@ def test_theory_blocks_equal_per_head_theory_block() -> None:
     assert [list(b) for b in got] == [list(b) for b in want]
     assert got == want
     assert got[0]["rows"] == 128 and "skipped_reason" in got[-2] and "spearman" in got[0]
+
+
+def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
+    """The normal law and average ranks computed without scipy.stats equal its values."""
+    from attn_audit.theory import _norm_ppf, _norm_sf, average_ranks
+
+    rng = np.random.default_rng(12)
+    edges = [0.0, 1.0, -0.1, 1.1, np.nan, np.inf, -np.inf, 5e-324, 1e-300, 0.5, 1 - 2**-53]
+    q = np.concatenate([edges, 10 ** rng.uniform(-300, 0, 200), 1 - 10 ** rng.uniform(-16, 0, 200)])
+    x = np.concatenate([[0.0, -0.0, np.inf, -np.inf, np.nan, 40.0, -40.0], rng.normal(0, 10, 400)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.testing.assert_array_equal(_norm_ppf(q), sps.norm.ppf(q))
+        np.testing.assert_array_equal(_norm_sf(x), sps.norm.sf(x))
+        assert _norm_sf(1.5) == sps.norm.sf(1.5) and _norm_ppf(0.05) == sps.norm.ppf(0.05)
+        # the k predictions against their former scipy.stats formulas
+        n, s, e = rng.integers(1, 5000, 400), rng.uniform(0, 6, 400), np.resize(q, 400)
+        mb = rng.uniform(-0.1, 1, 400)
+        mb[:5] = 0
+        np.testing.assert_array_equal(k_pred_plain(n, s, e), n * sps.norm.sf(s + sps.norm.ppf(e)))
+        eps_b = np.where(mb > 0, e / mb, np.inf)
+        want = 3 + n * sps.norm.sf(s + sps.norm.ppf(np.minimum(eps_b, 1.0)))
+        np.testing.assert_array_equal(k_pred_sink_aware(n, 3, s, mb, e), want)
+    for m in (1, 2, 7, 128, 1000):
+        for v in (rng.normal(size=m), np.round(rng.normal(size=m), 1), np.ones(m)):
+            np.testing.assert_array_equal(average_ranks(v), sps.rankdata(v))
+            v32 = v.astype(np.float32)
+            np.testing.assert_array_equal(average_ranks(v32), sps.rankdata(v32))
+        rows = np.round(rng.normal(size=(6, m)) * 3)
+        np.testing.assert_array_equal(average_ranks(rows), sps.rankdata(rows, axis=1))
+
+
+def test_theory_block_spearman_equals_scipy_spearmanr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """theory_block / theory_blocks rank without scipy.stats and get spearmanr's rho exactly."""
+    from attn_audit import theory
+    from attn_audit.assemble import theory_block, theory_blocks
+
+    def fake_finite_n(n, sigma, eps, **_):  # type: ignore[no-untyped-def]
+        k = np.round(np.asarray(sigma, dtype=np.float64) * 5) + 1  # tied predictions
+        return np.broadcast_to(k, np.broadcast_shapes(n.shape, eps.shape))
+
+    monkeypatch.setattr(theory, "k_pred_finite_n", fake_finite_n)
+    names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid", "k_eps@0.05"]
+    rng = np.random.default_rng(13)
+    heads = []
+    for _ in range(3):
+        f = np.empty((100, len(names)), dtype=np.float32)
+        f[:, 0] = 2.0 ** rng.integers(6, 11, size=100)  # powers of two: the n grid is n itself
+        f[:, 1] = rng.uniform(0.2, 4.0, size=100)
+        f[:, 2:5] = 1.0
+        f[:, 5] = np.maximum(1, np.round(f[:, 0] * rng.uniform(0.01, 0.8, size=100) / 16))  # ties
+        heads.append(f)
+    for f, block in zip(heads, theory_blocks(heads, names, ["0.05"], seed=3), strict=True):
+        k_fin = np.maximum(np.minimum(np.round(f[:, 1].astype(np.float64) * 5) + 1, f[:, 0]), 1.0)
+        want = float(sps.spearmanr(f[:, 5], k_fin).statistic)
+        assert theory_block(f, names, ["0.05"], seed=3)["spearman"]["0.05"] == want
+        assert block["spearman"]["0.05"] == want
