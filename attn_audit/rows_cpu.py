@@ -7,8 +7,9 @@ without sorting the row (theory.md sections 2 and 8):
    (causal rows stop there);
 2. ``d = s - max`` in float64, ``e = exp(d)`` with a vectorised exp (:func:`_exp_neg`,
    at most 2 ulp from the correctly rounded value), the row sums (mass, sum e^2, sum e d,
-   sum d, sum d^2) and a bin index ``floor(-d / w)`` per key: about n/4 bins spread over the
-   row's logit range (capped at ``ln n + 16`` nats); keys further down share an overflow
+   sum d, sum d^2) and a bin index ``floor(-d / w)`` per key: ``num_bins`` of the row's own
+   length (up to its last allowed key) spread over the row's logit range (capped at
+   ``ln n + 16`` nats); keys further down share an overflow
    bin. The bin index is monotone in the score, so bins are contiguous in the descending
    order;
 3. a histogram of bin masses and counts (one scatter pass);
@@ -37,6 +38,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from attn_audit.rows import num_bins
+
 __all__ = ["rows_kernel", "FLT_NAMES"]
 
 
@@ -58,6 +61,8 @@ def _prefer_wide_vectors() -> None:
 
 
 _prefer_wide_vectors()
+
+_num_bins = numba.njit(cache=True)(num_bins)
 
 _FM = {"nsz", "arcp", "contract", "reassoc"}
 """Fast-math flags of the streaming loops: reassociation lets LLVM vectorise the sums. No
@@ -181,9 +186,9 @@ def _stream(x, ln, mx, inv_w, nb, e, bins):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True)
-def _histogram(e, bins, ln, hm, hc):  # type: ignore[no-untyped-def]
-    hm[:] = 0.0
-    hc[:] = 0
+def _histogram(e, bins, ln, nb, hm, hc):  # type: ignore[no-untyped-def]
+    hm[: nb + 2] = 0.0
+    hc[: nb + 2] = 0
     for j in range(ln):
         b = bins[j]
         hm[b] += e[j]
@@ -295,7 +300,7 @@ def _region_sums(e, x, mx, j0, j1):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb, dcap,
+def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb_max, dcap,
           ints, k_all, k_ns, tail, flt, redo, write_w, w_out, mass, causal):  # type: ignore[no-untyped-def]
     """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head].
 
@@ -310,11 +315,11 @@ def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets
     n_bud = budgets.shape[0]
     e = np.empty(n)
     bins = np.empty(n, np.int32)
-    hm = np.empty(nb + 2)
-    hc = np.empty(nb + 2, np.int64)
-    cm = np.empty(nb + 2)  # cm[b] = mass of bins < b
-    cc = np.empty(nb + 2, np.int64)  # cc[b] = keys in bins < b
-    slot = np.full(nb + 2, -1, np.int64)  # segment of a boundary bin, -1 elsewhere
+    hm = np.empty(nb_max + 2)
+    hc = np.empty(nb_max + 2, np.int64)
+    cm = np.empty(nb_max + 2)  # cm[b] = mass of bins < b
+    cc = np.empty(nb_max + 2, np.int64)  # cc[b] = keys in bins < b
+    slot = np.full(nb_max + 2, -1, np.int64)  # segment of a boundary bin, -1 elsewhere
     seg_bin = np.empty(n_eps * 2 + n_bud, np.int64)
     seg_off = np.empty(n_eps * 2 + n_bud + 1, np.int64)
     seg_pos = np.empty(n_eps * 2 + n_bud, np.int64)
@@ -357,6 +362,7 @@ def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets
             flt[i, 8] = -np.inf
             redo[i] = False
             continue
+        nb = _num_bins(ln)  # bins for this row's own length (causal rows are shorter than n)
         span = min(mx - mn, dcap)
         inv_w = nb / span if span > 0.0 else 0.0
         z, s2, sed, s1, s11 = _stream(xr, ln, mx, inv_w, nb, e, bins)
@@ -366,7 +372,7 @@ def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets
             for j in range(ln):
                 wr[j] = e[j]
             wr[ln:] = 0.0
-        _histogram(e, bins, ln, hm, hc)
+        _histogram(e, bins, ln, nb, hm, hc)
         tol = _MARGIN_ULPS * (ln + 8) * _U64 * z
         # sink and local-window regions (sinks: columns < s0; local: (q - window, q])
         s0 = min(sinks, ln)
@@ -534,7 +540,7 @@ def rows_kernel(
     ``causal``: keys j > q_pos of the row are disallowed whatever x holds (no need to mask them).
     """
     rows, n = x.shape
-    from attn_audit.rows import bin_span_cap, num_bins
+    from attn_audit.rows import bin_span_cap
 
     nb = num_bins(n)
     dcap = bin_span_cap(n)
