@@ -1,0 +1,93 @@
+"""The plan step: the heads made top-k sparse, those left dense and why, and the model-wide saving."""
+
+from __future__ import annotations
+
+from attn_audit.rank.flops import attention_flops
+from attn_audit.rank.ranking import rank_heads
+from attn_audit.rank.scoring import _evaluate_all, _planned, _reason
+from attn_audit.rank.settings import PlanConfig
+from attn_audit.result import AuditResult
+
+FORMULA = (
+    "score = w_saving*saving + w_sparsity*(1 - kfrac) + w_stability*stability "
+    "- sum(penalty[flag]); "
+    "saving = 1 - sum_i min(k, n_i) / sum_i n_i at target_len (QK^T + PV, 4*d FLOPs per pair); "
+    "k = min(N, max(1, ceil(k_p90 scaled to N) + sinks)); stability = max(0, 1 - CI width / kfrac)"
+)
+
+
+def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
+    """Fill ``result.data["plan"]`` (best first) and ``result.data["plan_summary"]``."""
+    config = config or PlanConfig()
+    ctx, evals = _evaluate_all(result, config)
+    model = result.model
+    total = max(
+        len(result.heads), int(model.get("num_layers") or 0) * int(model.get("num_heads") or 0)
+    )
+    plan, excluded = [], []
+    for ev in evals:
+        if not _planned(ev, ctx):
+            why = (
+                "not measured"
+                if not ev.measured
+                else (
+                    f"needs {ev.k} of {ctx.target} keys ({ev.k / ctx.target:.1%}) "
+                    f"> max_kfrac {config.max_kfrac:g}"
+                )
+            )
+            excluded.append(
+                {"layer": ev.layer, "head": ev.head, "k": ev.k if ev.measured else None, "why": why}
+            )
+            continue
+        plan.append(
+            {
+                "layer": ev.layer,
+                "head": ev.head,
+                "kv_head": ev.kv_head,
+                "k": ev.k,
+                "pattern": "top-k",
+                "kfrac": ev.k / ctx.target,
+                "flops_saving": ev.saving,
+                "flops_saving_model": ev.saving / total if total else 0.0,
+                "score": ev.score,
+                "flags": list(ev.flags),
+                "reason": _reason(ev, ctx),
+            }
+        )
+    saving = sum(ev.saving for ev in evals if _planned(ev, ctx)) / total if total else 0.0
+    dense = total * attention_flops(ctx.target, ctx.head_dim, ctx.causal)
+    result.data["plan"] = plan
+    result.data["plan_summary"] = {
+        "target_len": ctx.target,
+        "audited_len": ctx.n,
+        "eps_key": ctx.eps_key,
+        "heads_planned": len(plan),
+        "heads_total": total,
+        "heads_excluded": len(excluded),
+        "excluded": excluded,
+        "planned_flops_saving": saving,
+        "dense_attention_flops": dense,
+        "planned_attention_flops": round(dense * (1.0 - saving)),
+        "attention_speedup_bound": (1.0 / (1.0 - saving)) if saving < 1 else None,
+        "causal": ctx.causal,
+        "text": (
+            f"Making {len(plan)} of {total} heads top-k sparse at {ctx.target} tokens "
+            f"(eps={ctx.eps_key}) saves {saving:.1%} of the model's attention FLOPs "
+            f"({'causal' if ctx.causal else 'bidirectional'} QK^T + PV, ideal kernel)."
+        ),
+        "formula": FORMULA,
+        "weights": config.weights.to_dict(),
+        "thresholds": config.thresholds(),
+    }
+
+
+def rank_and_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
+    """Run :func:`rank_heads` then :func:`build_plan` with the same configuration."""
+    rank_heads(result, config)
+    build_plan(result, config)
+
+
+def ensure_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
+    """Rank and plan with ``config`` (default settings) unless the result already has a plan."""
+    if "plan" not in result.data or "plan_summary" not in result.data:
+        rank_and_plan(result, config)
