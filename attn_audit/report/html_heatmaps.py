@@ -1,0 +1,148 @@
+"""The HTML report's layer x head maps: k_eps/n per eps (with a selector), R and Gaussianity.
+
+Each map is a matplotlib SVG with a hover read-out; the cell functions here write the exact
+values (confidence intervals, k, norms, per-site verdicts) that the read-out shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attn_audit.report import (
+    LETTER_NAMES,
+    fmt_num,
+    fmt_pct,
+    head_label,
+    head_letter,
+    num,
+    sparsity_at,
+)
+from attn_audit.report.html_page import Page, e
+
+__all__ = ["heatmaps_section"]
+
+
+def _kfrac_cell(rec: dict[str, Any] | None, eps: str) -> str:
+    if rec is None:
+        return "no data"
+    block = sparsity_at(rec, eps)
+    frac = num(block.get("kfrac_mean"))
+    if frac is None:
+        return f"{head_label(rec)}: no data at eps={eps}"
+    ci = (block.get("ci") or {}).get("kfrac_mean") or []
+    ci_text = f" [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]" if len(ci) == 2 else ""
+    return (
+        f"{head_label(rec)} kv{rec.get('kv_head')}: k/n {fmt_pct(frac, 2)}{ci_text}, "
+        f"k {fmt_num(block.get('k_mean'))} (p90 {fmt_num(block.get('k_p90'))}), "
+        f"{block.get('rows', '?')} rows"
+    )
+
+
+def _r_cell(rec: dict[str, Any] | None) -> str:
+    if rec is None:
+        return "no data"
+    r = rec.get("R") or {}
+    return (
+        f"{head_label(rec)}: logit range {fmt_num(r.get('logit_range'))}, bound "
+        f"{fmt_num(r.get('qk_bound'))}, max|q| {fmt_num(r.get('max_q_norm'))}, "
+        f"max|k| {fmt_num(r.get('max_k_norm'))}"
+    )
+
+
+def _verdict_cell(rec: dict[str, Any] | None) -> str:
+    if rec is None:
+        return "no data"
+    gauss = rec.get("gaussianity") or {}
+    sites = "; ".join(
+        f"{site} {block.get('verdict', '?')}"
+        for site, block in gauss.items()
+        if isinstance(block, dict)
+    )
+    return f"{head_label(rec)}: {head_letter(rec)} ({sites or 'not tested'})"
+
+
+def heatmaps_section(page: Page) -> str:
+    """Layer x head maps of k_eps/n (a panel per eps), R and the Gaussianity verdict."""
+    from attn_audit.report import plots
+
+    result = page.result
+    seq_len = result.run.get("seq_len")
+    eps_keys = [k for k in result.run.get("eps_keys") or []]
+    panels, radios = [], []
+    label_note = (
+        "cells in percent"
+        if plots.labelled(page.nheads, page.layers)
+        else "exact values in the ranked table"
+    )
+    figures = plots.heatmaps(
+        [
+            (
+                page.grid(
+                    lambda rec, key=key: (
+                        num(sparsity_at(rec, key).get("kfrac_mean")) if rec else None
+                    )
+                ),
+                f"k_eps/n at eps={key} (share of keys needed)",
+                f"kfrac{i}",
+            )
+            for i, key in enumerate(eps_keys)
+        ],
+        colorbar_label="k/n",
+        vmin=0.0,
+        vmax=1.0,
+        cell_scale=100.0,
+    )
+    for i, (key, fig) in enumerate(zip(eps_keys, figures, strict=True)):
+        cells = page.grid(lambda rec, key=key: _kfrac_cell(rec, key))
+        hidden = "" if key == page.eps else " hidden"
+        panels.append(
+            f'<div class="eps-panel" data-eps="{e(key)}"{hidden}>'
+            + page.heat_figure(
+                f"kfrac{i}",
+                fig,
+                cells,
+                f"Mean k_eps/n per head at eps={key}, n={seq_len}: the share of keys a "
+                "query needs to keep all but eps of its attention mass (lower = sparser; "
+                f"{label_note}). Hover for exact values, confidence intervals and k.",
+            )
+            + "</div>"
+        )
+        checked = " checked" if key == page.eps else ""
+        radios.append(
+            f'<label><input type="radio" name="eps" value="{e(key)}"{checked}> {e(key)}</label>'
+        )
+    inner = (
+        '<div class="eps-select js-only" data-for="kfrac-panels" role="radiogroup" '
+        f'aria-label="eps">eps: {"".join(radios)}</div>'
+        f'<div id="kfrac-panels">{"".join(panels)}</div>'
+    )
+    r_values = page.grid(lambda rec: num((rec.get("R") or {}).get("logit_range")) if rec else None)
+    if any(v is not None for row in r_values for v in row):
+        fig = plots.heatmap(
+            r_values,
+            title="R: empirical logit range per head",
+            colorbar_label="max |logit| range",
+            salt="rheat",
+            cmap="magma",
+            cell_format="{:.0f}",
+        )
+        inner += page.heat_figure(
+            "R",
+            fig,
+            page.grid(_r_cell),
+            "Empirical logit range (the quantity the norm bound R bounds); "
+            "hover for the bound and the Q/K norms.",
+        )
+    codes = page.grid(lambda rec: head_letter(rec) if rec else "-")
+    if any(c != "-" for row in codes for c in row):
+        fig = plots.categorical_heatmap(
+            codes, title="Gaussianity verdict per head (Q and K)", names=LETTER_NAMES, salt="gheat"
+        )
+        inner += page.heat_figure(
+            "gauss",
+            fig,
+            page.grid(_verdict_cell),
+            "G only when every tested site (Q and K) looks Gaussian; "
+            "otherwise the worst site's verdict. Hover for each site.",
+        )
+    return page.section("heatmaps", "Layer x head maps", inner)
