@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from attn_audit.rank.flops import attention_flops
 from attn_audit.rank.ranking import rank_heads
-from attn_audit.rank.scoring import _evaluate_all, _planned, _reason
-from attn_audit.rank.settings import PlanConfig
+from attn_audit.rank.scoring import _Eval, _evaluate_all, _planned, _reason
+from attn_audit.rank.settings import PlanConfig, _Ctx
 from attn_audit.result import AuditResult
 
 FORMULA = (
@@ -27,37 +29,54 @@ def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
     plan, excluded = [], []
     for ev in evals:
         if not _planned(ev, ctx):
-            why = (
-                "not measured"
-                if not ev.measured
-                else (
-                    f"needs {ev.k} of {ctx.target} keys ({ev.k / ctx.target:.1%}) "
-                    f"> max_kfrac {config.max_kfrac:g}"
-                )
-            )
-            excluded.append(
-                {"layer": ev.layer, "head": ev.head, "k": ev.k if ev.measured else None, "why": why}
-            )
+            excluded.append(_excluded_entry(ev, ctx))
             continue
-        plan.append(
-            {
-                "layer": ev.layer,
-                "head": ev.head,
-                "kv_head": ev.kv_head,
-                "k": ev.k,
-                "pattern": "top-k",
-                "kfrac": ev.k / ctx.target,
-                "flops_saving": ev.saving,
-                "flops_saving_model": ev.saving / total if total else 0.0,
-                "score": ev.score,
-                "flags": list(ev.flags),
-                "reason": _reason(ev, ctx),
-            }
-        )
+        plan.append(_plan_entry(ev, ctx, total))
     saving = sum(ev.saving for ev in evals if _planned(ev, ctx)) / total if total else 0.0
-    dense = total * attention_flops(ctx.target, ctx.head_dim, ctx.causal)
     result.data["plan"] = plan
-    result.data["plan_summary"] = {
+    result.data["plan_summary"] = _summary(ctx, plan, excluded, total, saving)
+
+
+def _excluded_entry(ev: _Eval, ctx: _Ctx) -> dict[str, Any]:
+    """The ``plan_summary.excluded`` entry of a head the plan leaves dense, with why."""
+    why = (
+        "not measured"
+        if not ev.measured
+        else (
+            f"needs {ev.k} of {ctx.target} keys ({ev.k / ctx.target:.1%}) "
+            f"> max_kfrac {ctx.config.max_kfrac:g}"
+        )
+    )
+    return {"layer": ev.layer, "head": ev.head, "k": ev.k if ev.measured else None, "why": why}
+
+
+def _plan_entry(ev: _Eval, ctx: _Ctx, total: int) -> dict[str, Any]:
+    """The ``plan`` entry of a head made top-k sparse (``total``: heads in the model)."""
+    return {
+        "layer": ev.layer,
+        "head": ev.head,
+        "kv_head": ev.kv_head,
+        "k": ev.k,
+        "pattern": "top-k",
+        "kfrac": ev.k / ctx.target,
+        "flops_saving": ev.saving,
+        "flops_saving_model": ev.saving / total if total else 0.0,
+        "score": ev.score,
+        "flags": list(ev.flags),
+        "reason": _reason(ev, ctx),
+    }
+
+
+def _summary(
+    ctx: _Ctx,
+    plan: list[dict[str, Any]],
+    excluded: list[dict[str, Any]],
+    total: int,
+    saving: float,
+) -> dict[str, Any]:
+    """``plan_summary``: counts, the model-wide saving and FLOPs, the text, formula and settings."""
+    dense = total * attention_flops(ctx.target, ctx.head_dim, ctx.causal)
+    return {
         "target_len": ctx.target,
         "audited_len": ctx.n,
         "eps_key": ctx.eps_key,
@@ -76,8 +95,8 @@ def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
             f"({'causal' if ctx.causal else 'bidirectional'} QK^T + PV, ideal kernel)."
         ),
         "formula": FORMULA,
-        "weights": config.weights.to_dict(),
-        "thresholds": config.thresholds(),
+        "weights": ctx.config.weights.to_dict(),
+        "thresholds": ctx.config.thresholds(),
     }
 
 
