@@ -1,4 +1,5 @@
-"""Tests of the vectorized evaluation (attn_audit.marginal, .normality_tests, .mvn), batch API.
+"""Tests of the vectorized evaluation (attn_audit.marginal, .normality_tests, .whitening,
+.henze_zirkler), batch API.
 
 The statistics themselves are tested in test_stats.py; these tests check that the fast paths
 (vectorized Shapiro-Wilk, paired Anderson-Darling logarithms, the symmetric pairwise blocks,
@@ -14,7 +15,7 @@ import pytest
 from scipy import special as spc
 from scipy import stats as sps
 
-from attn_audit import mvn
+from attn_audit import henze_zirkler, whitening
 from attn_audit.marginal import coordinate_stats, coordinate_stats_many
 from attn_audit.normality_tests import bh_adjust, bh_adjust_rows, shapiro_wilk
 from attn_audit.stats import GaussianityThresholds, assess_gaussianity, assess_gaussianity_batch
@@ -103,23 +104,23 @@ def test_mahalanobis_matches_whitening() -> None:
     rng = np.random.default_rng(23)
     a = rng.standard_normal((6, 6)) * np.exp(rng.uniform(0, 3, 6))
     x = rng.standard_normal((500, 6)) @ a.T + 4.0
-    m, w = mvn.mahalanobis(x), mvn.whiten(x)
-    assert isinstance(m, mvn.Distances) and m.d_eff == w.d_eff == 6
+    m, w = whitening.mahalanobis(x), whitening.whiten(x)
+    assert isinstance(m, whitening.Distances) and m.d_eff == w.d_eff == 6
     np.testing.assert_allclose(m.d2, w.d2, rtol=1e-9)
     np.testing.assert_allclose(m.eigenvalues, w.eigenvalues, rtol=1e-9)
     x[:, 5] = x[:, 0] - x[:, 1]  # rank 5: falls back to the whitening
-    deficient = mvn.mahalanobis(x)
-    assert isinstance(deficient, mvn.Whitened) and deficient.d_eff == 5
+    deficient = whitening.mahalanobis(x)
+    assert isinstance(deficient, whitening.Whitened) and deficient.d_eff == 5
 
 
 def _pairwise_full(x: np.ndarray) -> tuple[float, float]:
     """The full-matrix evaluation of b1 and HZ (the pre-blocking implementation)."""
-    w = mvn.whiten(x)
+    w = whitening.whiten(x)
     m, p = w.y.shape
     y32 = w.y.astype(np.float32)
     gram = y32 @ y32.T
     b1 = float(np.sum(gram * gram * gram, dtype=np.float64)) / m**2
-    b2 = mvn._hz_beta(m, p) ** 2
+    b2 = henze_zirkler._hz_beta(m, p) ** 2
     dj = np.diagonal(gram).astype(np.float64)
     half = (b2 / 2 * dj).astype(np.float32)
     arg = np.float32(b2) * gram
@@ -134,7 +135,7 @@ def _pairwise_full(x: np.ndarray) -> tuple[float, float]:
 def test_pairwise_blocks_equal_full_matrix(m: int, d: int) -> None:
     x = np.random.default_rng(m + d).standard_t(6, (m, d))
     b1, hz = _pairwise_full(x)
-    res = mvn.pairwise_stats(x)
+    res = henze_zirkler.pairwise_stats(x)
     assert res.b1 == pytest.approx(b1, rel=1e-12)
     assert res.hz == pytest.approx(hz, rel=1e-11)
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from attn_audit import mvn
+from attn_audit import distributions, henze_zirkler, mardia, whitening
 from attn_audit.stats import (
     TESTS,
     VERDICTS,
@@ -181,9 +181,9 @@ def test_mardia_and_mahalanobis_null_moments() -> None:
     n, d, reps = 150, 6, 600
     zs, rates = [], []
     for _ in range(reps):
-        w = mvn.whiten(rng.standard_normal((n, d)))
-        pw = mvn.pairwise_stats(rng.standard_normal((n, d)))
-        zs.append(mvn.mardia(w, pw).kurtosis_z)
+        w = whitening.whiten(rng.standard_normal((n, d)))
+        pw = henze_zirkler.pairwise_stats(rng.standard_normal((n, d)))
+        zs.append(mardia.mardia(w, pw).kurtosis_z)
         d2 = np.sum(w.y**2, axis=1)
         rates.append(np.mean(d2 > sps.chi2.ppf(0.9, d)))
     zs_a = np.array(zs)
@@ -191,13 +191,13 @@ def test_mardia_and_mahalanobis_null_moments() -> None:
     # D^2 / (n - 1) ~ Beta(d/2, (n-d-1)/2) for the ML covariance.
     p0 = sps.beta.sf(sps.chi2.ppf(0.9, d) / (n - 1), d / 2, (n - d - 1) / 2)
     assert np.mean(rates) == pytest.approx(p0, abs=0.004)
-    lo, hi = mvn.mardia_kurtosis_z_bounds(1000, 64, 1e-3)
+    lo, hi = mardia.mardia_kurtosis_z_bounds(1000, 64, 1e-3)
     assert lo < -3.0 and 3.29 < hi < 3.6
 
 
 def test_covariance_shape_known_answers() -> None:
     evals = np.array([1.0, 4.0, 1.0, 1.0])
-    shape = mvn.covariance_shape(evals, np.array([0.0, 0.0, 0.0, 7.0]), 10**9)
+    shape = whitening.covariance_shape(evals, np.array([0.0, 0.0, 0.0, 7.0]), 10**9)
     assert shape.eigenvalues.tolist() == [4.0, 1.0, 1.0, 1.0]
     assert shape.condition_number == pytest.approx(4.0)
     assert shape.effective_rank == pytest.approx(49 / 19)
@@ -206,7 +206,7 @@ def test_covariance_shape_known_answers() -> None:
     direct = np.linalg.norm(s / (np.trace(s) / 4) - np.eye(4)) / 2
     assert shape.isotropy == pytest.approx(direct)
     assert shape.mean_offset == pytest.approx(7.0 / math.sqrt(7.0))
-    iso = mvn.covariance_shape(np.ones(8), np.zeros(8), 100)
+    iso = whitening.covariance_shape(np.ones(8), np.zeros(8), 100)
     assert iso.isotropy == 0 and iso.isotropy_debiased == 0 and iso.effective_rank == 8
 
 
@@ -459,6 +459,7 @@ def test_calibration_null_small_samples(calibration: dict, n: int, d: int) -> No
 def test_pure_analysis_modules_do_not_import_torch() -> None:
     code = (
         "import sys, attn_audit.stats, attn_audit.mvn, attn_audit.theory\n"
+        "import attn_audit.distributions, attn_audit.henze_zirkler, attn_audit.mardia, attn_audit.whitening\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not bad, bad\n"
     )
@@ -466,40 +467,40 @@ def test_pure_analysis_modules_do_not_import_torch() -> None:
 
 
 def test_null_law_helpers_equal_scipy_stats_bit_for_bit() -> None:
-    """mvn's gamma / chi2 / beta / binom helpers give scipy.stats' values, edge cases included."""
+    """The gamma / chi2 / beta / binom helpers give scipy.stats' values, edge cases included."""
     rng = np.random.default_rng(21)
     edges = [0.0, 1.0, -0.1, 1.1, np.nan, 5e-324, 1e-300, 1e-16, 0.5, 1 - 2**-53]
     q = np.concatenate([edges, 10 ** rng.uniform(-300, 0, 40), 1 - 10 ** rng.uniform(-16, 0, 40)])
     bad = [0.0, -1.0, np.nan]
     with np.errstate(invalid="ignore", divide="ignore"):
         for a in [*bad, np.inf, 1e-300, 1e-8, 0.5, 2.0, 32.0, 1e4, 1e8]:
-            got = [mvn._gamma_isf(float(p), a) for p in q]
+            got = [distributions._gamma_isf(float(p), a) for p in q]
             np.testing.assert_array_equal(got, sps.gamma.isf(q, a), err_msg=f"gamma.isf a={a}")
         for df in [*bad, np.inf, 1e-8, 1.0, 2.0, 3.0, 7.0, 64.0, 512.0, 1e6]:
-            np.testing.assert_array_equal(mvn._chi2_ppf(q, df), sps.chi2.ppf(q, df), err_msg=f"df={df}")
-            np.testing.assert_array_equal(mvn._chi2_ppf(0.999, df), sps.chi2.ppf(0.999, df))
+            np.testing.assert_array_equal(distributions._chi2_ppf(q, df), sps.chi2.ppf(q, df), err_msg=f"df={df}")
+            np.testing.assert_array_equal(distributions._chi2_ppf(0.999, df), sps.chi2.ppf(0.999, df))
         x = np.concatenate([[-1.0, -0.0, 0.0, 1.0, 1.5, np.nan, np.inf, -np.inf, 5e-324, 1 - 2**-53],
                             rng.uniform(0, 1, 20), 10 ** rng.uniform(-12, 0, 20)])
         for a in [*bad, np.inf, 1e-3, 0.5, 3.0, 32.0, 1e4]:
             for b in [*bad, np.inf, 1e-3, 2.0, 50.0, 1e5]:
-                got = [mvn._beta_sf(float(v), a, b) for v in x]
+                got = [distributions._beta_sf(float(v), a, b) for v in x]
                 np.testing.assert_array_equal(got, sps.beta.sf(x, a, b), err_msg=f"beta.sf a={a} b={b}")
         bq = [0.0, 1.0, -0.1, 1.1, np.nan, 1e-12, 1e-6, 1e-3, 0.01, 0.05, 0.5, 0.9, 1 - 1e-12]
         bp = [0.0, 1.0, -0.1, np.nan, 1e-300, 1e-12, 1e-4, 0.5, *rng.uniform(0, 1, 3), *10 ** rng.uniform(-8, -1, 3)]
         for n in [0, 1, 2, 5, 10, 10.5, -1, 50, 1000, 4000]:
             for p in bp:
-                got = [mvn._binom_isf(v, n, p) for v in bq]
+                got = [distributions._binom_isf(v, n, p) for v in bq]
                 np.testing.assert_array_equal(got, sps.binom.isf(bq, n, p), err_msg=f"binom.isf n={n} p={p}")
                 if n >= 0 and n == int(n) and 0 <= p <= 1:  # the fallback for scipy without the ufunc
                     want = [sps.binom.isf(v, n, p) for v in bq if 0 < v < 1]
-                    assert [mvn._binom_isf_bdtrc(v, int(n), p) for v in bq if 0 < v < 1] == want
+                    assert [distributions._binom_isf_bdtrc(v, int(n), p) for v in bq if 0 < v < 1] == want
     # the callers, against their former scipy.stats formulas
     for n, d, alpha in [(9, 1, 1e-3), (50, 4, 1e-3), (200, 8, 0.05), (1000, 64, 1e-3), (4000, 32, 1e-6), (5, 8, 1e-3)]:
-        g = 2.0 * mvn._skew_chi2_squared(d) / np.sqrt(n)
+        g = 2.0 * mardia._skew_chi2_squared(d) / np.sqrt(n)
         k = 4.0 / g**2
         want_bounds = (float(sps.norm.ppf(alpha / 2)), float((sps.gamma.isf(alpha / 2, k) - k) / np.sqrt(k)))
-        assert mvn.mardia_kurtosis_z_bounds(n, d, alpha) == want_bounds
-        probs, theo, q999, p0, cmax = mvn._qq_null(n, d, 50, alpha)
+        assert mardia.mardia_kurtosis_z_bounds(n, d, alpha) == want_bounds
+        probs, theo, q999, p0, cmax = whitening._qq_null(n, d, 50, alpha)
         np.testing.assert_array_equal(theo, sps.chi2.ppf(probs, d))
         assert q999 == sps.chi2.ppf(0.999, d)
         if n - d - 1 > 0:
@@ -516,6 +517,7 @@ def test_audit_statistics_do_not_import_scipy_stats() -> None:
         "import sys\n"
         "import numpy as np\n"
         "import attn_audit.api, attn_audit.assemble, attn_audit.stats, attn_audit.theory, attn_audit.mvn\n"
+        "import attn_audit.distributions, attn_audit.henze_zirkler, attn_audit.mardia, attn_audit.whitening\n"
         "from attn_audit.assemble import theory_block, theory_blocks\n"
         "from attn_audit.stats import assess_gaussianity\n"
         "rng = np.random.default_rng(0)\n"
