@@ -84,7 +84,9 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
     Args:
         features: (rows, F) row features (see ``Accumulator.summary()['row_feature_names']``).
     """
-    from attn_audit import theory
+    from attn_audit.finite_n import k_pred_finite_n
+    from attn_audit.predict import k_pred_plain, k_pred_sink_aware, large_sigma_regime
+    from attn_audit.rank_correlation import average_ranks
 
     col = {n: i for i, n in enumerate(names)}
     valid = features[:, col["valid"]] > 0
@@ -104,7 +106,7 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
         ok = np.ones(len(sigma), dtype=bool)
         out["rows"] = int(len(sigma))
     out["sigma_median"] = float(np.median(sigma))
-    out["large_sigma_share"] = float(np.mean(theory.large_sigma_regime(sigma, n)))
+    out["large_sigma_share"] = float(np.mean(large_sigma_regime(sigma, n)))
     rng = np.random.default_rng(seed)
     # The finite-n Monte Carlo runs on n rounded to 4 steps per octave and rescaled
     # (kappa = k/n varies slowly in n), so a head costs a few distinct n, not hundreds, and
@@ -112,17 +114,17 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
     step = np.maximum(1.0, 2.0 ** (np.floor(np.log2(n)) - 2))
     n_grid = np.maximum(2.0, np.round(n / step) * step)
     eps_arr = np.array([float(e) for e in eps_keys])
-    k_grid_all = np.asarray(theory.k_pred_finite_n(n_grid[:, None], sigma[:, None], eps_arr[None, :], rng=rng,
-                                                   sigma_step=0.02), dtype=float)
+    k_grid_all = np.asarray(k_pred_finite_n(n_grid[:, None], sigma[:, None], eps_arr[None, :], rng=rng,
+                                            sigma_step=0.02), dtype=float)
     for e_idx, e_key in enumerate(eps_keys):
         eps = float(e_key)
         k_meas = features[ok, col[f"k_eps@{eps}"]]
-        k_hat = np.maximum(theory.k_pred_plain(n, sigma, eps), 1.0)
+        k_hat = np.maximum(k_pred_plain(n, sigma, eps), 1.0)
         k_fin = np.maximum(np.minimum(k_grid_all[:, e_idx] * n / n_grid, n), 1.0)
         # sink- and local-aware: keep S and L whole, the bulk may lose eps / m_B of its own mass
         n_sl = np.minimum(n, sinks + window)
         m_b = features[ok, col["bulk_mass"]]
-        k_sink = np.asarray(theory.k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
+        k_sink = np.asarray(k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
         out.setdefault("k_pred_sink_aware", {})[e_key] = float(np.nanmean(k_sink))
         out.setdefault("sink_aware_covers_share", {})[e_key] = float(np.mean(k_meas <= np.ceil(k_sink) + 1e-9))
         ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
@@ -135,7 +137,7 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
         if np.ptp(k_meas) > 0 and np.ptp(k_fin) > 0:
             # scipy.stats.spearmanr(k_meas, k_fin).statistic, by its own steps (average ranks,
             # then np.corrcoef of the (rows, 2) ranks) without importing scipy.stats
-            ranked = np.column_stack((theory.average_ranks(k_meas), theory.average_ranks(k_fin)))
+            ranked = np.column_stack((average_ranks(k_meas), average_ranks(k_fin)))
             out["spearman"][e_key] = float(np.corrcoef(ranked, rowvar=False)[1, 0])
     out["prediction"] = _PREDICTION_NOTE
     return out
@@ -155,7 +157,9 @@ def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[s
     Returns:
         One block per head, in order.
     """
-    from attn_audit import theory
+    from attn_audit.finite_n import k_pred_finite_n
+    from attn_audit.predict import k_pred_plain, k_pred_sink_aware, large_sigma_regime
+    from attn_audit.rank_correlation import average_ranks
 
     col = {n: i for i, n in enumerate(names)}
     blocks: list[dict[str, Any]] = []
@@ -185,8 +189,8 @@ def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[s
     mc_seed = int(np.random.default_rng(seed).integers(2**31))  # what theory_block's generator yields
     n_all = np.concatenate([g.ravel() for g in n_grids])
     sigma_all = np.concatenate([st[:, :, col["bulk_std"]].ravel() for _, st in stacks])
-    k_grid = np.asarray(theory.k_pred_finite_n(n_all[:, None], sigma_all[:, None], eps_arr[None, :], rng=mc_seed,
-                                               sigma_step=0.02), dtype=float)
+    k_grid = np.asarray(k_pred_finite_n(n_all[:, None], sigma_all[:, None], eps_arr[None, :], rng=mc_seed,
+                                        sigma_step=0.02), dtype=float)
     start = 0
     for (ids, st), n_grid in zip(stacks, n_grids, strict=True):
         # contiguous (heads, rows) copies: each row of a reduction is then laid out like theory_block's 1-d arrays
@@ -196,14 +200,14 @@ def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[s
         k_grid_all = k_grid[start:start + n.size].reshape(*n.shape, eps_arr.size)
         start += n.size
         stat: dict[str, np.ndarray] = {"sigma_median": np.median(sigma, axis=1),
-                                       "large_sigma_share": np.mean(theory.large_sigma_regime(sigma, n), axis=1)}
+                                       "large_sigma_share": np.mean(large_sigma_regime(sigma, n), axis=1)}
         for e_idx, e_key in enumerate(eps_keys):
             eps = float(e_key)
             k_meas = np.ascontiguousarray(st[:, :, col[f"k_eps@{eps}"]])
-            k_hat = np.maximum(theory.k_pred_plain(n, sigma, eps), 1.0)
+            k_hat = np.maximum(k_pred_plain(n, sigma, eps), 1.0)
             k_fin = np.maximum(np.minimum(k_grid_all[:, :, e_idx] * n / n_grid, n), 1.0)
             n_sl = np.minimum(n, sinks + window)
-            k_sink = np.asarray(theory.k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
+            k_sink = np.asarray(k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
             ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
             q75, q25 = np.percentile(ratio, [75, 25], axis=1)
             stat[f"sink {e_key}"] = np.nanmean(k_sink, axis=1)
@@ -218,8 +222,8 @@ def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[s
             if has.any():
                 # scipy.stats.spearmanr's own steps (average ranks, then np.corrcoef of the (rows, 2) ranks)
                 ranked = np.empty((int(has.sum()), n.shape[1], 2))
-                ranked[:, :, 0] = theory.average_ranks(k_meas[has])  # = scipy.stats.rankdata(axis=1)
-                ranked[:, :, 1] = theory.average_ranks(k_fin[has])
+                ranked[:, :, 0] = average_ranks(k_meas[has])  # = scipy.stats.rankdata(axis=1)
+                ranked[:, :, 1] = average_ranks(k_fin[has])
                 rho[has] = [np.corrcoef(r, rowvar=False)[1, 0] for r in ranked]
             stat[f"rho {e_key}"] = rho
             stat[f"has_rho {e_key}"] = has
@@ -318,7 +322,7 @@ def theory_summary(heads: list[dict[str, Any]], config: AuditConfig) -> dict[str
     A negative correlation between R (or the row spread sigma) and k_eps/n is the theory's
     "sparser as R grows" (theory.md §5.1). Model-wide and per layer.
     """
-    from attn_audit import theory
+    from attn_audit.rank_correlation import spearman_with_ci
 
     key = AuditResult(data={"run": {"eps_keys": list(config.eps_keys)}}).primary_eps_key
     out: dict[str, Any] = {"eps_key": key, "note": "Spearman rho with a 95% bootstrap interval over heads"}
@@ -337,13 +341,13 @@ def theory_summary(heads: list[dict[str, Any]], config: AuditConfig) -> dict[str
     for xname in ("logit_range", "R_F", "qk_bound", "sigma_median"):
         x, y = pairs(xname, heads)
         if len(x) >= 5 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            rho, lo, hi = theory.spearman_with_ci(x, y, seed=config.seed)
+            rho, lo, hi = spearman_with_ci(x, y, seed=config.seed)
             out[f"spearman_{xname}_kfrac"] = [_fin(rho), _fin(lo), _fin(hi)]
             per_layer = {}
             for layer in sorted({r["layer"] for r in heads}):
                 xl, yl = pairs(xname, [r for r in heads if r["layer"] == layer])
                 if len(xl) >= 5 and np.ptp(xl) > 0 and np.ptp(yl) > 0:
-                    per_layer[str(layer)] = [_fin(v) for v in theory.spearman_with_ci(xl, yl, n_boot=200, seed=config.seed)]
+                    per_layer[str(layer)] = [_fin(v) for v in spearman_with_ci(xl, yl, n_boot=200, seed=config.seed)]
             out[f"spearman_{xname}_kfrac_by_layer"] = per_layer
     if "spearman_logit_range_kfrac" in out:
         out["spearman_R_kfrac"] = out["spearman_logit_range_kfrac"]
@@ -444,7 +448,7 @@ def _workers() -> int:
 def _add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
                        weights: list[tuple[np.ndarray, np.ndarray]], info: dict[str, Any]) -> None:
     """R_F and R_op from the projection weights and the attention-input norm bound B (one call per layer)."""
-    from attn_audit import theory
+    from attn_audit.norm_bound import r_variants_heads
 
     d = info["head_dim"]
     by_layer: dict[int, list[dict[str, Any]]] = {}
@@ -467,10 +471,10 @@ def _add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
         kv_heads = sorted({rec["kv_head"] for rec in todo})
         b_p999 = s["x_norm_p999"][l]
         b_max = float(s["x_norm_max"][l])
-        rvs = theory.r_variants_heads(np.stack([wq[r["head"] * d:(r["head"] + 1) * d] for r in todo]),
-                                      np.stack([wk[g * d:(g + 1) * d] for g in kv_heads]),
-                                      [kv_heads.index(r["kv_head"]) for r in todo], float(s["scale"][l]),
-                                      b_max, float(b_p999) if np.isfinite(b_p999) else b_max)
+        rvs = r_variants_heads(np.stack([wq[r["head"] * d:(r["head"] + 1) * d] for r in todo]),
+                               np.stack([wk[g * d:(g + 1) * d] for g in kv_heads]),
+                               [kv_heads.index(r["kv_head"]) for r in todo], float(s["scale"][l]),
+                               b_max, float(b_p999) if np.isfinite(b_p999) else b_max)
         for rec, rv in zip(todo, rvs, strict=True):
             rec["R"].update({
                 "W_fro": rv.w_fro, "W_op": rv.w_op, "R_F": rv.r_f_max, "R_F_p999": rv.r_f_p999,
@@ -493,7 +497,7 @@ def _add_theory(heads: list[dict[str, Any]], s: dict[str, Any], config: AuditCon
 
 
 def _add_scaling(heads: list[dict[str, Any]], summaries: dict[int, dict[str, Any]], config: AuditConfig) -> None:
-    from attn_audit import theory
+    from attn_audit.scaling import fit_scaling
 
     lengths = sorted(summaries)
     for rec in heads:
@@ -506,7 +510,7 @@ def _add_scaling(heads: list[dict[str, Any]], summaries: dict[int, dict[str, Any
                 sr = summaries[n]["seq_rows"][:, l, h]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     per_seq.append(np.where(sr > 0, sk / np.maximum(sr, 1), np.nan))
-            fit = theory.fit_scaling(lengths, np.stack(per_seq, axis=1), seed=config.seed)
+            fit = fit_scaling(lengths, np.stack(per_seq, axis=1), seed=config.seed)
             fit["C_ci"] = [fit.get("C_lo"), fit.get("C_hi")]
             scaling[key] = fit
         primary = scaling.get(AuditResult(data={"run": {"eps_keys": list(config.eps_keys)}}).primary_eps_key, {})

@@ -1,10 +1,11 @@
 """scipy.stats distribution methods computed with scipy.special (no scipy.stats import).
 
-Importing scipy.stats costs ~1 s per audit. The few distribution methods the statistics need
-(the gamma, chi2, beta and binomial laws behind the multivariate null calibrations of theory.md
-§4.3) are reproduced here: each calls the scipy.special function that scipy.stats itself calls,
-so the values are the same bit for bit (tests/test_stats.py checks them against scipy.stats,
-edge cases included).
+Importing scipy.stats costs ~1 s per audit. The few distribution methods the analysis needs
+(the normal law of the Gaussian predictions, theory.md §5, and the gamma, chi2, beta and
+binomial laws behind the multivariate null calibrations of §4.3) are reproduced here: each calls
+the scipy.special function that scipy.stats itself calls, so the values are the same bit for bit
+(tests/test_theory.py and tests/test_stats.py check them against scipy.stats, edge cases
+included).
 
 Pure numpy/scipy (no torch).
 """
@@ -12,7 +13,7 @@ Pure numpy/scipy (no torch).
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from scipy import special as spc
 
 try:  # the Boost ufunc behind scipy.stats.binom.isf (recent scipy keeps it in scipy.special)
@@ -21,6 +22,20 @@ except ImportError:  # pragma: no cover - older scipy keeps it under scipy.stats
     _boost_binom_isf = None
 
 FloatArray = NDArray[np.float64]
+
+
+# scipy.stats' normal law without importing scipy.stats (~1 s per audit): the special
+# functions its methods call, with the same results bit for bit (also at 0, 1, +-inf, NaN).
+
+
+def _norm_sf(x: ArrayLike) -> FloatArray:
+    """Standard normal survival function; reproduces ``scipy.stats.norm.sf`` (``ndtr(-x)``)."""
+    return np.asarray(spc.ndtr(-np.asarray(x, dtype=np.float64)))
+
+
+def _norm_ppf(q: ArrayLike) -> FloatArray:
+    """Standard normal quantile; reproduces ``scipy.stats.norm.ppf`` (``ndtri(q)``)."""
+    return np.asarray(spc.ndtri(np.asarray(q, dtype=np.float64)))
 
 
 # The scipy.stats distribution methods the null laws need, without importing scipy.stats

@@ -460,6 +460,8 @@ def test_pure_analysis_modules_do_not_import_torch() -> None:
     code = (
         "import sys, attn_audit.stats, attn_audit.mvn, attn_audit.theory\n"
         "import attn_audit.distributions, attn_audit.henze_zirkler, attn_audit.mardia, attn_audit.whitening\n"
+        "import attn_audit.finite_n, attn_audit.norm_bound, attn_audit.predict, attn_audit.rank_correlation\n"
+        "import attn_audit.scaling, attn_audit.simulated_rows\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not bad, bad\n"
     )
@@ -518,6 +520,8 @@ def test_audit_statistics_do_not_import_scipy_stats() -> None:
         "import numpy as np\n"
         "import attn_audit.api, attn_audit.assemble, attn_audit.stats, attn_audit.theory, attn_audit.mvn\n"
         "import attn_audit.distributions, attn_audit.henze_zirkler, attn_audit.mardia, attn_audit.whitening\n"
+        "import attn_audit.finite_n, attn_audit.norm_bound, attn_audit.predict, attn_audit.rank_correlation\n"
+        "import attn_audit.scaling, attn_audit.simulated_rows\n"
         "from attn_audit.assemble import theory_block, theory_blocks\n"
         "from attn_audit.stats import assess_gaussianity\n"
         "rng = np.random.default_rng(0)\n"

@@ -1,4 +1,5 @@
-"""Tests of attn_audit.theory: known answers, finite-n agreement, R via Gram, fits, CIs."""
+"""Tests of attn_audit.theory (predict, finite_n, norm_bound, rank_correlation, scaling): known
+answers, finite-n agreement, R via Gram, fits, CIs."""
 
 from __future__ import annotations
 
@@ -9,16 +10,11 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from attn_audit.theory import (
-    RVariants,
-    fit_scaling,
-    k_pred_finite_n,
-    k_pred_plain,
-    k_pred_sink_aware,
-    large_sigma_regime,
-    r_variants,
-    spearman_with_ci,
-)
+from attn_audit.finite_n import k_pred_finite_n
+from attn_audit.norm_bound import RVariants, r_variants
+from attn_audit.predict import k_pred_plain, k_pred_sink_aware, large_sigma_regime
+from attn_audit.rank_correlation import spearman_with_ci
+from attn_audit.scaling import fit_scaling
 
 
 def _measured_k_eps(logits: np.ndarray, eps: float) -> np.ndarray:
@@ -219,34 +215,34 @@ def test_k_eps_columns_matches_cumsum_reference_bit_for_bit(
     tiles (few checkpoints allowed), several passes of columns, sigma 0 (uniform row) and
     sigma large enough that the tail underflows.
     """
-    from attn_audit import theory
+    from attn_audit import simulated_rows
 
     rng = np.random.default_rng(4)
     eps = np.array([0.01, 0.05, 0.1, 0.5])
     for max_ckpt in (256, 3):
-        monkeypatch.setattr(theory, "_MAX_CHECKPOINTS", max_ckpt)
+        monkeypatch.setattr(simulated_rows, "_MAX_CHECKPOINTS", max_ckpt)
         for n in (1, 2, 7, 8, 9, 17, 64, 129, 300):
-            z = theory._max_stratified_rows(rng, n, 21)
+            z = simulated_rows._max_stratified_rows(rng, n, 21)
             sig = np.concatenate([[0.0, 0.02, 40.0], rng.uniform(0, 6, 400)])
-            got = theory._k_eps_columns(np.ascontiguousarray(z.T), sig, eps)
-            want = np.stack([theory._k_eps_sorted(z, sig, e) for e in eps])
+            got = simulated_rows._k_eps_columns(np.ascontiguousarray(z.T), sig, eps)
+            want = np.stack([simulated_rows._k_eps_sorted(z, sig, e) for e in eps])
             np.testing.assert_array_equal(got, want, err_msg=f"n={n}, max_ckpt={max_ckpt}")
 
 
 def test_k_pred_finite_n_cache_and_batching_do_not_change_values() -> None:
     """Predictions depend on (n, sigma, eps, draws, seed) only: not on the cache or on which
     rows are predicted together (so one batched call equals many small ones)."""
-    from attn_audit import theory
+    from attn_audit import finite_n, simulated_rows
 
     rng = np.random.default_rng(6)
     n = rng.choice([2, 30, 64, 65, 700, 1024, 3000], size=300).astype(float)
     sigma = rng.uniform(0, 5, size=300)
     eps = rng.choice([0.01, 0.05, 0.1], size=300)
-    theory._KAPPA_CACHE.clear()
-    theory._ROWS_CACHE.clear()
+    finite_n._KAPPA_CACHE.clear()
+    simulated_rows._ROWS_CACHE.clear()
     together = k_pred_finite_n(n, sigma, eps, draws=31, rng=9)
-    theory._KAPPA_CACHE.clear()
-    theory._ROWS_CACHE.clear()
+    finite_n._KAPPA_CACHE.clear()
+    simulated_rows._ROWS_CACHE.clear()
     alone = np.array([k_pred_finite_n(a, b, c, draws=31, rng=9) for a, b, c in zip(n, sigma, eps)])
     np.testing.assert_array_equal(together, alone)
     cached = k_pred_finite_n(n, sigma, eps, draws=31, rng=9)
@@ -254,7 +250,7 @@ def test_k_pred_finite_n_cache_and_batching_do_not_change_values() -> None:
 
 
 def test_r_variants_heads_equals_per_head() -> None:
-    from attn_audit.theory import r_variants_heads
+    from attn_audit.norm_bound import r_variants_heads
 
     rng = np.random.default_rng(3)
     wq = rng.standard_normal((5, 8, 40)).astype(np.float32)
@@ -269,7 +265,7 @@ def test_r_variants_heads_equals_per_head() -> None:
 
 
 def test_spearman_ci_resampled_ranks_equal_rankdata() -> None:
-    from attn_audit.theory import _resampled_ranks
+    from attn_audit.rank_correlation import _resampled_ranks
 
     rng = np.random.default_rng(8)
     for values in (rng.normal(size=40), np.round(rng.normal(size=40), 1), np.ones(5)):
@@ -311,7 +307,8 @@ def test_theory_blocks_equal_per_head_theory_block() -> None:
 
 def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
     """The normal law and average ranks computed without scipy.stats equal its values."""
-    from attn_audit.theory import _norm_ppf, _norm_sf, average_ranks
+    from attn_audit.distributions import _norm_ppf, _norm_sf
+    from attn_audit.rank_correlation import average_ranks
 
     rng = np.random.default_rng(12)
     edges = [0.0, 1.0, -0.1, 1.1, np.nan, np.inf, -np.inf, 5e-324, 1e-300, 0.5, 1 - 2**-53]
@@ -340,14 +337,14 @@ def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
 
 def test_theory_block_spearman_equals_scipy_spearmanr(monkeypatch: pytest.MonkeyPatch) -> None:
     """theory_block / theory_blocks rank without scipy.stats and get spearmanr's rho exactly."""
-    from attn_audit import theory
+    from attn_audit import finite_n
     from attn_audit.assemble import theory_block, theory_blocks
 
     def fake_finite_n(n, sigma, eps, **_):  # type: ignore[no-untyped-def]
         k = np.round(np.asarray(sigma, dtype=np.float64) * 5) + 1  # tied predictions
         return np.broadcast_to(k, np.broadcast_shapes(n.shape, eps.shape))
 
-    monkeypatch.setattr(theory, "k_pred_finite_n", fake_finite_n)
+    monkeypatch.setattr(finite_n, "k_pred_finite_n", fake_finite_n)
     names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid", "k_eps@0.05"]
     rng = np.random.default_rng(13)
     heads = []
