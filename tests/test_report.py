@@ -206,7 +206,8 @@ def test_gate_without_checks_and_without_data() -> None:
 
 def test_verdict_letters_agree_with_the_ranking() -> None:
     from attn_audit.rank import is_non_gaussian
-    from attn_audit.report import gaussian_share, head_letter
+    from attn_audit.report.formatting import head_letter
+    from attn_audit.report.headlines import gaussian_share
 
     result = make_result(num_layers=4, num_heads=4)
     gaussian = {"verdict": "gaussian-like", "is_gaussian": True}

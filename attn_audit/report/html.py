@@ -33,7 +33,7 @@ from importlib import resources
 from string import Template
 from typing import TYPE_CHECKING, Any
 
-from attn_audit.report import headline
+from attn_audit.report.headlines import headline
 from attn_audit.report.html_curves import curves_section, scaling_section
 from attn_audit.report.html_heatmaps import heatmaps_section
 from attn_audit.report.html_overview import gate_section, provenance_footer, summary_section

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attn_audit.report import (
-    fmt_num,
-    head_label,
-    num,
-    sparsity_at,
-)
+from attn_audit.report.formatting import fmt_num, head_label, num, sparsity_at
 from attn_audit.report.html_page import CURVE_HEADS, Page, e
 
 __all__ = ["curves_section", "scaling_section"]

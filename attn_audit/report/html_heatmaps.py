@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attn_audit.report import (
+from attn_audit.report.formatting import (
     LETTER_NAMES,
     fmt_num,
     fmt_pct,

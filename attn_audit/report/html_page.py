@@ -10,11 +10,7 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from attn_audit.report import (
-    head_label,
-    num,
-    short_reason,
-)
+from attn_audit.report.formatting import head_label, num, short_reason
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from attn_audit.report import (
+from attn_audit.report.formatting import (
     fmt_num,
     fmt_pct,
     head_letter,
-    headline,
     num,
     site_letters,
     sparsity_at,
 )
+from attn_audit.report.headlines import headline
 from attn_audit.report.html_page import Page, e, head_td, reason_td, table, td
 
 if TYPE_CHECKING:

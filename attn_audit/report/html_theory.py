@@ -9,12 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from attn_audit.report import (
-    fmt_num,
-    head_label,
-    num,
-    sparsity_at,
-)
+from attn_audit.report.formatting import fmt_num, head_label, num, sparsity_at
 from attn_audit.report.html_page import Page, e
 
 __all__ = ["qq_section", "theory_section"]

@@ -14,19 +14,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from attn_audit.report import (
-    failed_checks,
+from attn_audit.report.formatting import (
     fmt_num,
     fmt_pct,
-    gate_state,
     head_label,
     head_letter,
-    headline,
-    left_out,
     short_reason,
     sparsity_at,
-    theory_lines,
 )
+from attn_audit.report.headlines import failed_checks, gate_state, headline, left_out, theory_lines
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult

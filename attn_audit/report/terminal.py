@@ -22,20 +22,17 @@ from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from attn_audit.report import (
+from attn_audit.report.formatting import (
     LETTER_NAMES,
-    failed_checks,
     fmt_num,
     fmt_pct,
     head_label,
     head_letter,
-    headline,
     num,
     short_reason,
     sparsity_at,
-    theory_lines,
-    verdict_line,
 )
+from attn_audit.report.headlines import failed_checks, headline, theory_lines, verdict_line
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult
