@@ -1,4 +1,4 @@
-"""Checks: a named failure condition, its evaluation on metric values and its result (stdlib only)."""
+"""Checks: a named failure condition, its evaluation on metric values, its result (stdlib only)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 :class:`_Parser` turns the text of a check into a tree of :class:`Compare`, :class:`Not` and
 :class:`BoolOp` nodes following the grammar in :mod:`attn_audit.gate`, raising
-:class:`~attn_audit.errors.ConfigError` with the position of the first problem and the known metrics.
+:class:`~attn_audit.errors.ConfigError` with the position of the first problem and the known
+metrics.
 """
 
 from __future__ import annotations

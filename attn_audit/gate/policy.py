@@ -1,4 +1,4 @@
-"""Policy files: ``[[check]]`` tables read from TOML, and the checks of one gate run (stdlib only)."""
+"""Policy files: ``[[check]]`` tables read from TOML; the checks of one gate run (stdlib only)."""
 
 from __future__ import annotations
 

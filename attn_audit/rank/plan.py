@@ -1,4 +1,4 @@
-"""The plan step: the heads made top-k sparse, those left dense and why, and the model-wide saving."""
+"""The plan step: heads made top-k sparse, those left dense and why, and the model-wide saving."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ranking step: score, rank and flag every head and fill the head, layer and KV-group rankings."""
+"""The ranking step: score, rank and flag every head; fill the head, layer and KV-group rankings."""
 
 from __future__ import annotations
 
