@@ -5,10 +5,8 @@ for bootstrap intervals). The per-row work (scores of one block of query rows, e
 :mod:`attn_audit.rows`) stays on the model's device; only small aggregates and the bounded
 reservoir samples move to the CPU.
 
-Reservoirs (Q/K vectors for Gaussianity, per-row features for the theory comparison) keep the
-items with the smallest seeded hash priority of (sequence index, position). That rule is
-deterministic, independent of batching and mergeable across processes: the union of two
-reservoirs cut to the smallest priorities is the reservoir of the union.
+Q/K vectors (for Gaussianity) and per-row features (for the theory comparison) are kept in
+bounded, deterministic, mergeable samples (:mod:`attn_audit.reservoir`).
 """
 
 from __future__ import annotations
@@ -21,26 +19,8 @@ import numpy as np
 import torch
 
 from attn_audit.capture import AttentionCall, scores
+from attn_audit.reservoir import Reservoir, priorities
 from attn_audit.rows import RowMetrics, RowSpec, row_metrics
-
-_MASK64 = (1 << 64) - 1
-
-
-def priorities(seed: int, seq_index: np.ndarray, pos: np.ndarray, salt: int = 0) -> np.ndarray:
-    """Seeded hash (splitmix64) of (seq, pos) as floats in [0, 1); shapes broadcast."""
-    with np.errstate(over="ignore"):
-        x = (
-            np.uint64(seed & _MASK64) * np.uint64(0x9E3779B97F4A7C15)
-            + seq_index.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-            + pos.astype(np.uint64) * np.uint64(0x94D049BB133111EB)
-            + np.uint64(salt)
-        )
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 @dataclass(frozen=True)
@@ -59,61 +39,6 @@ class AccumulateConfig:
     thin: int = 4  # take every m-th position into the Q/K reservoir (less autocorrelation)
     block_elements: int = 1 << 24  # max scores elements per block (float32)
     causal_block_rows: int = 256  # row block size for causal models
-
-
-class Reservoir:
-    """Bounded priority sample shared by all layers: the same items are kept for every layer."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.prio = np.zeros(0)
-        self.ids = np.zeros((0, 2), dtype=np.int64)  # (sequence index, position)
-        self.data: dict[Any, torch.Tensor] = {}  # views of the first len(prio) rows of _bufs
-        self._bufs: dict[Any, torch.Tensor] = {}
-        self._keep: torch.Tensor | None = None
-        self._n_old = 0
-
-    def _store(self, key: Any, t: torch.Tensor) -> None:
-        """Keep ``t`` in a buffer of ``capacity`` rows, allocated (and touched) once, so memory
-        is the same after 16 sequences as after 512."""
-        buf = self._bufs.get(key)
-        if buf is None or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype:
-            buf = self._bufs[key] = torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype).fill_(0)
-        buf[: t.shape[0]] = t
-        self.data[key] = buf[: t.shape[0]]
-
-    def plan(self, prio: np.ndarray, ids: np.ndarray) -> None:
-        """Decide which old and new items survive this batch (call before the layers report)."""
-        allp = np.concatenate([self.prio, prio])
-        order = np.argsort(allp, kind="stable")[: self.capacity]
-        order.sort()
-        self._n_old = len(self.prio)
-        self._keep = torch.from_numpy(order)
-        self.prio = allp[order]
-        self.ids = np.concatenate([self.ids, ids])[order]
-
-    def merge(self, prio: np.ndarray, ids: np.ndarray, data: dict[Any, torch.Tensor]) -> None:
-        """Union with another reservoir, keeping the smallest priorities, ordered by (seq, pos)."""
-        allp = np.concatenate([self.prio, prio])
-        allids = np.concatenate([self.ids, ids])
-        keep = np.argsort(allp, kind="stable")[: self.capacity]
-        keep = keep[np.lexsort((allids[keep, 1], allids[keep, 0]))]
-        for key in set(self.data) | set(data):
-            like = self.data.get(key, data.get(key))
-            assert like is not None
-            mine = self.data.get(key, like.new_zeros((len(self.prio), *like.shape[1:])))
-            theirs = data.get(key, like.new_zeros((len(prio), *like.shape[1:])))
-            self._store(key, torch.cat([mine, theirs])[torch.from_numpy(keep)])
-        self.prio = allp[keep]
-        self.ids = allids[keep]
-
-    def update(self, key: Any, new: torch.Tensor) -> None:
-        """Merge ``new`` (n_new, ...) candidates of one layer/site into the sample."""
-        assert self._keep is not None
-        new = new.detach().to("cpu", torch.float32)
-        old = self.data.get(key)
-        both = new if old is None else torch.cat([old, new])
-        self._store(key, both[self._keep])
 
 
 class Accumulator:
@@ -238,7 +163,6 @@ class Accumulator:
         self.scale[layer] = call.scaling
         q, k = call.query, call.key
         mask = self.mask.to(q.device)
-        b = q.shape[0]
         # non-finite tokens (fp16 overflow, broken weights): count, zero, and drop their rows
         # (a token's norm is non-finite iff one of its coordinates is, or |x| > 1e19 overflows
         # float32 squares: such a token is broken either way)
@@ -259,12 +183,24 @@ class Accumulator:
         bi, pi = self._tok_sel
         self.tokens.update((layer, "q"), q[bi, :, pi])
         self.tokens.update((layer, "k"), k[bi, :, pi])
-        groups = self.H // self.Hkv
-        seq_bad = k_bad.any(-1).repeat_interleave(groups, dim=1)  # (batch, head)
+        seq_bad = k_bad.any(-1).repeat_interleave(self.H // self.Hkv, dim=1)  # (batch, head)
         rows = self.batch_rows.to(q.device)
-        keys_total = k.shape[2]
-        per_row = b * self.H * keys_total
-        step = max(1, self.cfg.block_elements // max(per_row, 1))
+        m, out = self._measure(call, rows, mask)
+        feats = self._fold(layer, m, rows, mask, q_bad, seq_bad)
+        self.rows.update(layer, feats[self._row_sel[0], :, self._row_sel[1]])
+        if out is None:
+            return None
+        return out.transpose(1, 2).to(call.query.dtype).contiguous()  # (batch, pos, head, d_head)
+
+    def _measure(self, call: AttentionCall, rows: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[RowMetrics, torch.Tensor | None]:
+        """Row metrics of the query rows ``rows`` (R,), block by block of rows, fields (G, R);
+        and the layer's output (batch, head, pos, d_head) when it is computed here (see
+        ``_can_fuse``), else None."""
+        q, layer = call.query, call.layer
+        b, keys_total = q.shape[0], call.key.shape[2]
+        groups = self.H // self.Hkv
+        step = max(1, self.cfg.block_elements // max(b * self.H * keys_total, 1))
         if call.is_causal:
             # causal rows only see keys up to their own position: small row blocks with keys cut
             # at the block's last row skip most of the masked upper triangle (~45% of the work)
@@ -275,7 +211,7 @@ class Accumulator:
         fuse = self._can_fuse(call, rows)
         # plain causal attention without padding: the kernel applies "key <= query" itself and
         # the scores need no -inf written into them
-        causal_only = (call.is_causal and not call.sliding_window and call.query.shape[2] == keys_total
+        causal_only = (call.is_causal and not call.sliding_window and q.shape[2] == keys_total
                        and bool(mask.all()))
         out = torch.empty(b, self.H, q.shape[2], self.head_dim) if fuse else None
         parts = []
@@ -290,7 +226,7 @@ class Accumulator:
             if start + step >= len(rows):
                 self._sample_row_logits(layer, s[:, :, -1], int(blk[-1]), mask)
             del s
-            if fuse:
+            if out is not None and w is not None:
                 r = len(blk)
                 v = call.value[:, :, :n_keys].float()  # (batch, kv_head, keys, d_head)
                 o = torch.matmul(w.view(b, self.Hkv, groups * r, n_keys), v).view(b, self.H, r, -1)
@@ -299,11 +235,7 @@ class Accumulator:
         # one fold per layer call: the per-row metrics of all blocks side by side (G, rows, ...)
         m = parts[0] if len(parts) == 1 else RowMetrics(**{
             f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in parts[0].to_dict()})
-        feats = self._fold(layer, m, rows, mask, q_bad, seq_bad)
-        self.rows.update(layer, feats[self._row_sel[0], :, self._row_sel[1]])
-        if out is None:
-            return None
-        return out.transpose(1, 2).to(call.query.dtype).contiguous()  # (batch, pos, head, d_head)
+        return m, out
 
     def _can_fuse(self, call: AttentionCall, rows: torch.Tensor) -> bool:
         """Whether this call's output can come from the measured weights: every query row is
@@ -426,11 +358,8 @@ class Accumulator:
         st["layers_seen"] = np.array(sorted(self.layers_seen), dtype=np.int64)
         for layer, t in self.row_logits.items():
             st[f"row_logits.{layer}"] = t.numpy()
-        for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
-            st[f"{tag}.prio"] = res.prio
-            st[f"{tag}.ids"] = res.ids
-            for key, t in res.data.items():
-                st[f"{tag}.data.{_key_str(key)}"] = t.numpy()
+        st.update(self.tokens.to_state("tokens"))
+        st.update(self.rows.to_state("rows"))
         return st
 
     def load_state(self, st: dict[str, np.ndarray]) -> None:
@@ -443,14 +372,8 @@ class Accumulator:
         self.layers_seen = set(int(x) for x in st["layers_seen"])
         self.row_logits = {int(k.split(".")[1]): torch.from_numpy(np.array(v))
                            for k, v in st.items() if k.startswith("row_logits.")}
-        for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
-            res.prio = np.array(st[f"{tag}.prio"])
-            res.ids = np.array(st[f"{tag}.ids"])
-            prefix = f"{tag}.data."
-            res.data = {}
-            for k, v in st.items():
-                if k.startswith(prefix):
-                    res._store(_key_parse(k[len(prefix):]), torch.from_numpy(np.array(v)))
+        self.tokens.load_state("tokens", st)
+        self.rows.load_state("rows", st)
 
     def merge_state(self, other: dict[str, np.ndarray]) -> None:
         """Fold another process's :meth:`state` (disjoint sequences of the same run) into this one.
@@ -476,11 +399,8 @@ class Accumulator:
                 have = self.row_logits.get(layer)
                 both = t if have is None else torch.cat([have, t], dim=1)
                 self.row_logits[layer] = both[:, : self.ROW_LOGITS_CAP]
-        for tag, res in (("tokens", self.tokens), ("rows", self.rows)):
-            prefix = f"{tag}.data."
-            data = {_key_parse(k[len(prefix):]): torch.from_numpy(np.array(v))
-                    for k, v in other.items() if k.startswith(prefix)}
-            res.merge(np.array(other[f"{tag}.prio"]), np.array(other[f"{tag}.ids"]), data)
+        self.tokens.merge_state("tokens", other)
+        self.rows.merge_state("rows", other)
 
     # -- results -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -523,17 +443,6 @@ class Accumulator:
             "rows_per_sequence": len(self._row_index) if self.sampled else None,
             "layers_seen": sorted(self.layers_seen),
         }
-
-
-def _key_str(key: Any) -> str:
-    return f"{key[0]}:{key[1]}" if isinstance(key, tuple) else str(key)
-
-
-def _key_parse(text: str) -> Any:
-    if ":" in text:
-        layer, site = text.split(":", 1)
-        return (int(layer), site)
-    return int(text)
 
 
 def _sanitised(call: AttentionCall) -> AttentionCall:
