@@ -16,7 +16,7 @@ __all__ = ["curves_section", "scaling_section"]
 
 def curves_section(page: Page) -> str:
     """k_eps against eps and against position for the chosen heads; "" without data."""
-    from attn_audit.report import plots
+    from attn_audit.report.plots_xy import Series, line_panels
 
     eps_keys = page.result.run.get("eps_keys") or []
     eps_series, pos_series = [], []
@@ -33,7 +33,7 @@ def curves_section(page: Page) -> str:
             lo.append(num(ci[0]) or k)
             hi.append(num(ci[-1]) or k)
         if xs:
-            eps_series.append(plots.Series(label, xs, ys, lo, hi, color, bottom))
+            eps_series.append(Series(label, xs, ys, lo, hi, color, bottom))
         raw = [
             (num(b.get("lo")), num(b.get("hi")), num(b.get("k_mean")))
             for b in sparsity_at(rec, page.eps).get("by_position") or []
@@ -45,7 +45,7 @@ def curves_section(page: Page) -> str:
         ]
         if pts:
             pos_series.append(
-                plots.Series(
+                Series(
                     label, [p[0] for p in pts], [p[1] for p in pts], color=color, dashed=bottom
                 )
             )
@@ -76,7 +76,7 @@ def curves_section(page: Page) -> str:
                 "base2": True,
             }
         )
-    svg = plots.line_panels(panels, salt="curves", label="k_eps curves of the top and bottom heads")
+    svg = line_panels(panels, salt="curves", label="k_eps curves of the top and bottom heads")
     caption = (
         f"The {CURVE_HEADS} heads ranked first (solid) and last (dashed). A flat curve "
         "against position means a fixed budget suffices; a rising one needs k to grow "
@@ -89,7 +89,8 @@ def curves_section(page: Page) -> str:
 
 def scaling_section(page: Page) -> str:
     """k against sequence length with the fitted n^C; "" with under two lengths."""
-    from attn_audit.report import plots
+    from attn_audit.report.plots_heatmaps import heatmap
+    from attn_audit.report.plots_xy import Series, scaling_figure
 
     result = page.result
     lens = sorted(int(n) for n in result.run.get("seq_lens") or [])
@@ -104,7 +105,7 @@ def scaling_section(page: Page) -> str:
         pts = [(n, k) for n, k in raw if k is not None and k > 0]
         if pts:
             series.append(
-                plots.Series(
+                Series(
                     label, [p[0] for p in pts], [p[1] for p in pts], color=color, dashed=bottom
                 )
             )
@@ -112,14 +113,14 @@ def scaling_section(page: Page) -> str:
         c_exp, alpha = num(fit.get("C")), num(fit.get("alpha"))
         if c_exp is not None and alpha is not None and alpha > 0:
             series.append(
-                plots.Series(
+                Series(
                     "_fit", lens, [alpha * n**c_exp for n in lens], color=color, dashed=True
                 )
             )
     exponents = [
         c for h in result.heads if (c := num((h.get("scaling") or {}).get("C"))) is not None
     ]
-    inner = f"<figure>{plots.scaling_figure(series, exponents, eps=page.eps, salt='scaling')}"
+    inner = f"<figure>{scaling_figure(series, exponents, eps=page.eps, salt='scaling')}"
     inner += (
         "<figcaption>Method A: mean k at each audited length, fitted k = alpha * n^C. "
         "C near 1 means no sub-linear sparsity; C near 0 a fixed budget.</figcaption>"
@@ -127,7 +128,7 @@ def scaling_section(page: Page) -> str:
     )
     c_values = page.grid(lambda rec: num((rec.get("scaling") or {}).get("C")) if rec else None)
     if any(v is not None for row in c_values for v in row):
-        fig = plots.heatmap(
+        fig = heatmap(
             c_values,
             title="fitted exponent C per head",
             colorbar_label="C",

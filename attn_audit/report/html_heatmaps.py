@@ -63,7 +63,7 @@ def _verdict_cell(rec: dict[str, Any] | None) -> str:
 
 def heatmaps_section(page: Page) -> str:
     """Layer x head maps of k_eps/n (a panel per eps), R and the Gaussianity verdict."""
-    from attn_audit.report import plots
+    from attn_audit.report.plots_heatmaps import categorical_heatmap, heatmap, heatmaps, labelled
 
     result = page.result
     seq_len = result.run.get("seq_len")
@@ -71,10 +71,10 @@ def heatmaps_section(page: Page) -> str:
     panels, radios = [], []
     label_note = (
         "cells in percent"
-        if plots.labelled(page.nheads, page.layers)
+        if labelled(page.nheads, page.layers)
         else "exact values in the ranked table"
     )
-    figures = plots.heatmaps(
+    figures = heatmaps(
         [
             (
                 page.grid(
@@ -118,7 +118,7 @@ def heatmaps_section(page: Page) -> str:
     )
     r_values = page.grid(lambda rec: num((rec.get("R") or {}).get("logit_range")) if rec else None)
     if any(v is not None for row in r_values for v in row):
-        fig = plots.heatmap(
+        fig = heatmap(
             r_values,
             title="R: empirical logit range per head",
             colorbar_label="max |logit| range",
@@ -135,7 +135,7 @@ def heatmaps_section(page: Page) -> str:
         )
     codes = page.grid(lambda rec: head_letter(rec) if rec else "-")
     if any(c != "-" for row in codes for c in row):
-        fig = plots.categorical_heatmap(
+        fig = categorical_heatmap(
             codes, title="Gaussianity verdict per head (Q and K)", names=LETTER_NAMES, salt="gheat"
         )
         inner += page.heat_figure(

@@ -50,7 +50,7 @@ def _qq_badness(block: dict[str, Any], points: list[list[float]], chi2: bool) ->
 
 def qq_section(page: Page) -> str:
     """QQ plots of the least and most Gaussian head/site pairs; "" without QQ data."""
-    from attn_audit.report import plots
+    from attn_audit.report.plots_xy import qq_grid
 
     candidates = []
     kinds = set()
@@ -97,7 +97,7 @@ def qq_section(page: Page) -> str:
     return page.section(
         "qq",
         "QQ plots",
-        f"<figure>{plots.qq_grid(panels, salt='qq')}<figcaption>{e(caption)}</figcaption></figure>",
+        f"<figure>{qq_grid(panels, salt='qq')}<figcaption>{e(caption)}</figcaption></figure>",
     )
 
 
@@ -111,7 +111,7 @@ def _median(values: list[float]) -> float | None:
 
 def theory_section(page: Page) -> str:
     """Gaussian-predicted against measured k and the theory summary; "" without."""
-    from attn_audit.report import plots
+    from attn_audit.report.plots_xy import scatter_pred
 
     result = page.result
     eps = page.eps
@@ -138,7 +138,7 @@ def theory_section(page: Page) -> str:
     inner = ""
     if any(series.values()):
         labels = {"k_pred": "large-n formula", "k_pred_finite_n": "finite-n Monte Carlo"}
-        svg = plots.scatter_pred(
+        svg = scatter_pred(
             {labels[k]: v for k, v in series.items() if v}, eps=eps, salt="theory"
         )
         inner += (
