@@ -49,7 +49,8 @@ def gaussianity_blocks(samples: list[np.ndarray], seed: int) -> list[tuple[dict[
     """
     from dataclasses import fields
 
-    from attn_audit.stats import _plain, assess_gaussianity_batch
+    from attn_audit.gaussianity_verdict import _plain
+    from attn_audit.stats import assess_gaussianity_batch
 
     kept = [x if np.isfinite(x).all() else x[np.isfinite(x).all(axis=1)] if x.ndim == 2 else x[np.isfinite(x)]
             for x in samples]
