@@ -229,18 +229,26 @@ def theory_lines(result: AuditResult) -> list[str]:
             counts.setdefault(site, {}).setdefault(verdict, 0)
             counts[site][verdict] += 1
     for site in sorted(counts):
-        parts = ", ".join(f"{n} {v}" for v, n in sorted(counts[site].items(), key=lambda kv: -kv[1]))
+        parts = ", ".join(
+            f"{n} {v}" for v, n in sorted(counts[site].items(), key=lambda kv: -kv[1])
+        )
         lines.append(f"Gaussianity of {site}: {parts} (head records)")
-    for name, label in (("spearman_logit_range_kfrac", "empirical logit range R_emp"),
-                        ("spearman_R_F_kfrac", "R_F from the weights"),
-                        ("spearman_sigma_median_kfrac", "row logit spread sigma")):
+    for name, label in (
+        ("spearman_logit_range_kfrac", "empirical logit range R_emp"),
+        ("spearman_R_F_kfrac", "R_F from the weights"),
+        ("spearman_sigma_median_kfrac", "row logit spread sigma"),
+    ):
         val = summary.get(name)
         if val and val[0] is not None:
             lo, hi = (fmt_num(v, 2) for v in val[1:3])
-            lines.append(f"Spearman rho({label}, k/n) = {val[0]:.2f} [{lo}, {hi}] across heads "
-                         "(negative: sparser as it grows, as the theory predicts)")
+            lines.append(
+                f"Spearman rho({label}, k/n) = {val[0]:.2f} [{lo}, {hi}] across heads "
+                "(negative: sparser as it grows, as the theory predicts)"
+            )
     ratio = summary.get("log_ratio_median_over_heads")
     if ratio is not None:
-        lines.append(f"median over heads of log(measured k / finite-n Gaussian k) = {ratio:+.2f} "
-                     f"at eps={summary.get('eps_key')}")
+        lines.append(
+            f"median over heads of log(measured k / finite-n Gaussian k) = {ratio:+.2f} "
+            f"at eps={summary.get('eps_key')}"
+        )
     return lines

@@ -45,9 +45,7 @@ def curves_section(page: Page) -> str:
         ]
         if pts:
             pos_series.append(
-                Series(
-                    label, [p[0] for p in pts], [p[1] for p in pts], color=color, dashed=bottom
-                )
+                Series(label, [p[0] for p in pts], [p[1] for p in pts], color=color, dashed=bottom)
             )
     if not eps_series and not pos_series:
         return ""
@@ -88,7 +86,7 @@ def curves_section(page: Page) -> str:
 
 
 def scaling_section(page: Page) -> str:
-    """k against sequence length with the fitted n^C; "" with under two lengths."""
+    """Mean k against sequence length with the fitted n^C; "" with under two lengths."""
     from attn_audit.report.plots_heatmaps import heatmap
     from attn_audit.report.plots_xy import Series, scaling_figure
 
@@ -105,17 +103,13 @@ def scaling_section(page: Page) -> str:
         pts = [(n, k) for n, k in raw if k is not None and k > 0]
         if pts:
             series.append(
-                Series(
-                    label, [p[0] for p in pts], [p[1] for p in pts], color=color, dashed=bottom
-                )
+                Series(label, [p[0] for p in pts], [p[1] for p in pts], color=color, dashed=bottom)
             )
         fit = rec.get("scaling") or {}
         c_exp, alpha = num(fit.get("C")), num(fit.get("alpha"))
         if c_exp is not None and alpha is not None and alpha > 0:
             series.append(
-                Series(
-                    "_fit", lens, [alpha * n**c_exp for n in lens], color=color, dashed=True
-                )
+                Series("_fit", lens, [alpha * n**c_exp for n in lens], color=color, dashed=True)
             )
     exponents = [
         c for h in result.heads if (c := num((h.get("scaling") or {}).get("C"))) is not None

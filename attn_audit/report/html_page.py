@@ -44,9 +44,7 @@ def head_td(rec: dict[str, Any]) -> str:
     return td(head_label(rec), rec["layer"] * 100_000 + rec["head"], "l")
 
 
-def table(
-    table_id: str, header: list[tuple[str, bool]], rows: list[str], caption: str = ""
-) -> str:
+def table(table_id: str, header: list[tuple[str, bool]], rows: list[str], caption: str = "") -> str:
     """A sortable table; ``header`` holds (label, numeric) pairs, ``rows`` ready-made <tr>s."""
     ths = "".join(
         f'<th{NUM_CLASS if numeric else ""} scope="col">{e(label)}</th>'
@@ -71,6 +69,7 @@ class Page:
     """Collects sections and hover data while the page is built."""
 
     def __init__(self, result: AuditResult) -> None:
+        """Index the result's heads by (layer, head) and size the layer x head grid."""
         self.result = result
         self.eps = result.primary_eps_key
         self.heat: dict[str, dict[str, Any]] = {}
@@ -86,6 +85,7 @@ class Page:
 
     # -- helpers -----------------------------------------------------------------------------
     def section(self, sid: str, title: str, inner: str) -> str:
+        """Wrap ``inner`` in a titled <section> and list it in the table of contents."""
         self.toc.append((sid, title))
         return f'<section id="{sid}"><h2>{e(title)}</h2>{inner}</section>'
 
@@ -97,6 +97,7 @@ class Page:
         ]
 
     def heat_figure(self, key: str, fig: Any, cells: list[list[str]], caption: str) -> str:
+        """A heatmap <figure>; its cell box and hover texts go to the page's heat data."""
         self.heat[key] = {
             "box": [round(v, 5) for v in fig.box],
             "rows": fig.rows,

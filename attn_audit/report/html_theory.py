@@ -138,9 +138,7 @@ def theory_section(page: Page) -> str:
     inner = ""
     if any(series.values()):
         labels = {"k_pred": "large-n formula", "k_pred_finite_n": "finite-n Monte Carlo"}
-        svg = scatter_pred(
-            {labels[k]: v for k, v in series.items() if v}, eps=eps, salt="theory"
-        )
+        svg = scatter_pred({labels[k]: v for k, v in series.items() if v}, eps=eps, salt="theory")
         inner += (
             f"<figure>{svg}<figcaption>Each point is a head: the Gaussian model's prediction of "
             f"k against the measured mean k at eps={e(eps)}, coloured by layer; points under "
