@@ -6,7 +6,7 @@ values (confidence intervals, k, norms, per-site verdicts) that the read-out sho
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attn_audit.report.formatting import (
     LETTER_NAMES,
@@ -18,6 +18,9 @@ from attn_audit.report.formatting import (
     sparsity_at,
 )
 from attn_audit.report.html_page import Page, e
+
+if TYPE_CHECKING:
+    from attn_audit.report.plots_heatmaps import HeatmapSvg
 
 __all__ = ["heatmaps_section"]
 
@@ -63,18 +66,15 @@ def _verdict_cell(rec: dict[str, Any] | None) -> str:
 
 def heatmaps_section(page: Page) -> str:
     """Layer x head maps of k_eps/n (a panel per eps), R and the Gaussianity verdict."""
-    from attn_audit.report.plots_heatmaps import categorical_heatmap, heatmap, heatmaps, labelled
+    inner = _kfrac_maps(page) + _r_map(page) + _verdict_map(page)
+    return page.section("heatmaps", "Layer x head maps", inner)
 
-    result = page.result
-    seq_len = result.run.get("seq_len")
-    eps_keys = [k for k in result.run.get("eps_keys") or []]
-    panels, radios = [], []
-    label_note = (
-        "cells in percent"
-        if labelled(page.nheads, page.layers)
-        else "exact values in the ranked table"
-    )
-    figures = heatmaps(
+
+def _kfrac_figures(page: Page, eps_keys: list[str]) -> list[HeatmapSvg]:
+    """The k_eps/n maps, one per eps, on one colour scale."""
+    from attn_audit.report.plots_heatmaps import heatmaps
+
+    return heatmaps(
         [
             (
                 page.grid(
@@ -92,6 +92,22 @@ def heatmaps_section(page: Page) -> str:
         vmax=1.0,
         cell_scale=100.0,
     )
+
+
+def _kfrac_maps(page: Page) -> str:
+    """The k_eps/n panels behind an eps selector (only the primary eps shown with JS)."""
+    from attn_audit.report.plots_heatmaps import labelled
+
+    result = page.result
+    seq_len = result.run.get("seq_len")
+    eps_keys = [k for k in result.run.get("eps_keys") or []]
+    panels, radios = [], []
+    label_note = (
+        "cells in percent"
+        if labelled(page.nheads, page.layers)
+        else "exact values in the ranked table"
+    )
+    figures = _kfrac_figures(page, eps_keys)
     for i, (key, fig) in enumerate(zip(eps_keys, figures, strict=True)):
         cells = page.grid(lambda rec, key=key: _kfrac_cell(rec, key))
         hidden = "" if key == page.eps else " hidden"
@@ -111,38 +127,51 @@ def heatmaps_section(page: Page) -> str:
         radios.append(
             f'<label><input type="radio" name="eps" value="{e(key)}"{checked}> {e(key)}</label>'
         )
-    inner = (
+    return (
         '<div class="eps-select js-only" data-for="kfrac-panels" role="radiogroup" '
         f'aria-label="eps">eps: {"".join(radios)}</div>'
         f'<div id="kfrac-panels">{"".join(panels)}</div>'
     )
+
+
+def _r_map(page: Page) -> str:
+    """The map of the empirical logit range R ("" when no head has one)."""
+    from attn_audit.report.plots_heatmaps import heatmap
+
     r_values = page.grid(lambda rec: num((rec.get("R") or {}).get("logit_range")) if rec else None)
-    if any(v is not None for row in r_values for v in row):
-        fig = heatmap(
-            r_values,
-            title="R: empirical logit range per head",
-            colorbar_label="max |logit| range",
-            salt="rheat",
-            cmap="magma",
-            cell_format="{:.0f}",
-        )
-        inner += page.heat_figure(
-            "R",
-            fig,
-            page.grid(_r_cell),
-            "Empirical logit range (the quantity the norm bound R bounds); "
-            "hover for the bound and the Q/K norms.",
-        )
+    if not any(v is not None for row in r_values for v in row):
+        return ""
+    fig = heatmap(
+        r_values,
+        title="R: empirical logit range per head",
+        colorbar_label="max |logit| range",
+        salt="rheat",
+        cmap="magma",
+        cell_format="{:.0f}",
+    )
+    return page.heat_figure(
+        "R",
+        fig,
+        page.grid(_r_cell),
+        "Empirical logit range (the quantity the norm bound R bounds); "
+        "hover for the bound and the Q/K norms.",
+    )
+
+
+def _verdict_map(page: Page) -> str:
+    """The map of Gaussianity verdict letters ("" when no head was tested)."""
+    from attn_audit.report.plots_heatmaps import categorical_heatmap
+
     codes = page.grid(lambda rec: head_letter(rec) if rec else "-")
-    if any(c != "-" for row in codes for c in row):
-        fig = categorical_heatmap(
-            codes, title="Gaussianity verdict per head (Q and K)", names=LETTER_NAMES, salt="gheat"
-        )
-        inner += page.heat_figure(
-            "gauss",
-            fig,
-            page.grid(_verdict_cell),
-            "G only when every tested site (Q and K) looks Gaussian; "
-            "otherwise the worst site's verdict. Hover for each site.",
-        )
-    return page.section("heatmaps", "Layer x head maps", inner)
+    if not any(c != "-" for row in codes for c in row):
+        return ""
+    fig = categorical_heatmap(
+        codes, title="Gaussianity verdict per head (Q and K)", names=LETTER_NAMES, salt="gheat"
+    )
+    return page.heat_figure(
+        "gauss",
+        fig,
+        page.grid(_verdict_cell),
+        "G only when every tested site (Q and K) looks Gaussian; "
+        "otherwise the worst site's verdict. Hover for each site.",
+    )

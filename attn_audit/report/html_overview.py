@@ -22,31 +22,41 @@ __all__ = ["gate_section", "provenance_footer", "summary_section"]
 
 def summary_section(page: Page) -> str:
     """The opening section: headline cards (gate, saving, quality, Gaussianity), run facts."""
+    cards = _headline_cards(page)
+    dl = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _summary_facts(page))
+    return (
+        f'<section id="summary"><div class="cards">{cards}</div>'
+        f'<dl class="facts">{dl}</dl></section>'
+    )
+
+
+def _card(label: str, value: str, detail: str, cls: str = "") -> str:
+    """One headline card; a "not run" value greys it out unless ``cls`` says otherwise."""
+    cls = cls or ("none" if value == NOT_RUN else "")
+    return (
+        f'<div class="card {cls}"><div class="k">{e(label)}</div>'
+        f'<div class="v">{e(value)}</div><div class="d">{e(detail)}</div></div>'
+    )
+
+
+def _headline_cards(page: Page) -> str:
+    """The four cards: gate verdict, planned FLOPs saving, quality cost, Gaussian-looking heads."""
     result = page.result
-    model, run = result.model, result.run
-    dataset = run.get("dataset") or {}
+    run = result.run
     head = headline(result)
     gate_cls = {"PASS": "pass", "FAIL": "fail", "NO DATA": "fail"}.get(gate_state(result), "none")
     gate_word = head["gate"].split(" (")[0]
     gate_detail = head["gate"][len(gate_word) :].strip(" ()")
-
-    def card(label: str, value: str, detail: str, cls: str = "") -> str:
-        cls = cls or ("none" if value == NOT_RUN else "")
-        return (
-            f'<div class="card {cls}"><div class="k">{e(label)}</div>'
-            f'<div class="v">{e(value)}</div><div class="d">{e(detail)}</div></div>'
-        )
-
     flops_v, _, flops_d = head["flops"].partition(" (")
     gauss_v, _, gauss_d = head["gaussian"].partition(" (")
     quality_v, _, quality_d = head["quality"].partition(", ")
     summary = result.data.get("plan_summary") or {}
-    cards = "".join(
+    return "".join(
         [
-            card(
+            _card(
                 "gate verdict", gate_word, gate_detail or "no --fail-if or policy given", gate_cls
             ),
-            card(
+            _card(
                 "planned FLOPs saving",
                 flops_v,
                 (
@@ -56,14 +66,21 @@ def summary_section(page: Page) -> str:
                 if flops_d
                 else "attention FLOPs, planned heads",
             ),
-            card("quality cost", quality_v, quality_d or "measured by the verification run"),
-            card(
+            _card("quality cost", quality_v, quality_d or "measured by the verification run"),
+            _card(
                 "Gaussian-looking heads",
                 gauss_v,
                 gauss_d.rstrip(")") + ": Q and K pass" if gauss_d else "Q/K Gaussianity tests",
             ),
         ]
     )
+
+
+def _summary_facts(page: Page) -> list[tuple[str, str]]:
+    """Model, shape, data and run in one line each, and a warning when nothing was measured."""
+    result = page.result
+    model, run = result.model, result.run
+    dataset = run.get("dataset") or {}
     lens = ", ".join(str(n) for n in run.get("seq_lens") or [run.get("seq_len")])
     rows = run.get("rows")
     rows_text = (
@@ -87,11 +104,7 @@ def summary_section(page: Page) -> str:
     ]
     if result.rows_measured == 0:
         facts.append(("warning", "no query row was measured: nothing here is evidence"))
-    dl = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in facts)
-    return (
-        f'<section id="summary"><div class="cards">{cards}</div>'
-        f'<dl class="facts">{dl}</dl></section>'
-    )
+    return facts
 
 
 def gate_section(page: Page) -> str:
@@ -144,19 +157,18 @@ def gate_section(page: Page) -> str:
 
 def provenance_footer(result: AuditResult) -> str:
     """The footer: what reproduces the audit (versions, data, settings), what did not run."""
+    facts = _source_facts(result) + _capture_facts(result)
+    dl = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in facts)
+    return f'<footer id="provenance"><h2>Provenance</h2><dl class="facts">{dl}</dl></footer>'
+
+
+def _source_facts(result: AuditResult) -> list[tuple[str, str]]:
+    """Where the audit's inputs came from: tool and library versions, model, dataset, tokens."""
     model, run = result.model, result.run
     dataset = run.get("dataset") or {}
     versions = run.get("versions") or {}
     tool = result.data.get("tool") or {}
-    sites = ", ".join(str(s) for s in run.get("sites") or []) or "none"
-    tested = sorted({str(s) for h in result.heads for s in (h.get("gaussianity") or {})})
-    rows = run.get("rows")
-    rows_text = (
-        "all query rows"
-        if rows == "all"
-        else f"sampled: {run.get('rows_per_sequence')} rows per sequence (seeded)"
-    )
-    facts = [
+    return [
         ("attn-audit", tool.get("version") or versions.get("attn_audit", "?")),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "n/a"),
         (
@@ -172,6 +184,21 @@ def provenance_footer(result: AuditResult) -> str:
             f", {dataset.get('documents')} documents, {dataset.get('tokens')} tokens)",
         ),
         ("token hash", f"sha256 {dataset.get('token_hash') or 'n/a'}"),
+    ]
+
+
+def _capture_facts(result: AuditResult) -> list[tuple[str, str]]:
+    """How the audit ran: sites captured, rows measured, settings, timing, what did not run."""
+    model, run = result.model, result.run
+    sites = ", ".join(str(s) for s in run.get("sites") or []) or "none"
+    tested = sorted({str(s) for h in result.heads for s in (h.get("gaussianity") or {})})
+    rows = run.get("rows")
+    rows_text = (
+        "all query rows"
+        if rows == "all"
+        else f"sampled: {run.get('rows_per_sequence')} rows per sequence (seeded)"
+    )
+    return [
         (
             "sites captured",
             f"{sites} at {run.get('capture_point')} (model "
@@ -196,5 +223,3 @@ def provenance_footer(result: AuditResult) -> str:
         ),
         ("left out", ", ".join(left_out(result)) or "nothing"),
     ]
-    dl = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in facts)
-    return f'<footer id="provenance"><h2>Provenance</h2><dl class="facts">{dl}</dl></footer>'

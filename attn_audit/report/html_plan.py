@@ -66,62 +66,77 @@ def plan_section(page: Page) -> str:
     inner = _plan_intro(result)
     plan = result.data.get("plan") or []
     if plan:
-        rows = []
-        for i, p in enumerate(plan, 1):
-            cells = [
-                td(i, i),
-                head_td(p),
-                td(p.get("kv_head"), p.get("kv_head")),
-                td(p.get("pattern")),
-                td(p.get("k"), p.get("k")),
-                td(fmt_pct(p.get("kfrac")), p.get("kfrac")),
-                td(fmt_pct(p.get("flops_saving")), p.get("flops_saving")),
-                td(fmt_pct(p.get("flops_saving_model"), 2), p.get("flops_saving_model")),
-                td(fmt_num(p.get("score")), p.get("score")),
-                reason_td(p.get("reason"), full=True),
-            ]
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        header = [
-            ("#", True),
-            ("head", False),
-            ("kv", True),
-            ("pattern", False),
-            ("k", True),
-            ("k/n", True),
-            ("attention FLOPs saved", True),
-            ("model FLOPs saved", True),
-            ("score", True),
-            ("reason", False),
-        ]
-        inner += table(
-            "plan-table", header, rows, f"{len(plan)} planned heads; click a column to sort."
-        )
-    eps_keys = result.run.get("eps_keys") or []
+        inner += _plan_table(plan)
+    title = "Sparse-attention plan" if plan else "Ranked heads (no plan ran)"
+    if plan:
+        inner += "<h3>All heads, ranked</h3>"
+    inner += _ranking_table(page)
+    return page.section("plan", title, inner)
+
+
+def _plan_table(plan: list[dict[str, Any]]) -> str:
+    """The planned heads in plan order, with their k, savings and the plan's reason."""
     rows = []
-    for entry in result.ranking:
-        rec = page.by_id.get((entry["layer"], entry["head"]), {})
-        r = rec.get("R") or {}
+    for i, p in enumerate(plan, 1):
         cells = [
-            td(entry.get("rank"), entry.get("rank")),
-            head_td(entry),
-            td(entry.get("kv_head"), entry.get("kv_head")),
-        ]
-        for key in eps_keys:
-            frac = sparsity_at(rec, key).get("kfrac_mean")
-            cells.append(td(fmt_pct(frac), frac))
-        k_mean = sparsity_at(rec, page.eps).get("k_mean")
-        letters = " ".join(f"{s}:{v}" for s, v in site_letters(rec).items())
-        cells += [
-            td(fmt_num(k_mean), k_mean),
-            td(fmt_num(r.get("logit_range")), r.get("logit_range")),
-            td(head_letter(rec) + (f" ({letters})" if letters else "")),
-            td(fmt_num(rec.get("entropy_mean")), rec.get("entropy_mean")),
-            td(fmt_pct(rec.get("sink_mass_mean")), rec.get("sink_mass_mean")),
-            td(fmt_num(entry.get("score")), entry.get("score")),
-            td(", ".join(map(str, rec.get("flags") or []))),
-            reason_td(entry.get("reason"), full=False),
+            td(i, i),
+            head_td(p),
+            td(p.get("kv_head"), p.get("kv_head")),
+            td(p.get("pattern")),
+            td(p.get("k"), p.get("k")),
+            td(fmt_pct(p.get("kfrac")), p.get("kfrac")),
+            td(fmt_pct(p.get("flops_saving")), p.get("flops_saving")),
+            td(fmt_pct(p.get("flops_saving_model"), 2), p.get("flops_saving_model")),
+            td(fmt_num(p.get("score")), p.get("score")),
+            reason_td(p.get("reason"), full=True),
         ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = [
+        ("#", True),
+        ("head", False),
+        ("kv", True),
+        ("pattern", False),
+        ("k", True),
+        ("k/n", True),
+        ("attention FLOPs saved", True),
+        ("model FLOPs saved", True),
+        ("score", True),
+        ("reason", False),
+    ]
+    return table("plan-table", header, rows, f"{len(plan)} planned heads; click a column to sort.")
+
+
+def _ranking_row(page: Page, entry: dict[str, Any], eps_keys: list[str]) -> str:
+    """One head of the ranking: k/n at every eps, k, R, Gaussianity, entropy, sinks, reason."""
+    rec = page.by_id.get((entry["layer"], entry["head"]), {})
+    r = rec.get("R") or {}
+    cells = [
+        td(entry.get("rank"), entry.get("rank")),
+        head_td(entry),
+        td(entry.get("kv_head"), entry.get("kv_head")),
+    ]
+    for key in eps_keys:
+        frac = sparsity_at(rec, key).get("kfrac_mean")
+        cells.append(td(fmt_pct(frac), frac))
+    k_mean = sparsity_at(rec, page.eps).get("k_mean")
+    letters = " ".join(f"{s}:{v}" for s, v in site_letters(rec).items())
+    cells += [
+        td(fmt_num(k_mean), k_mean),
+        td(fmt_num(r.get("logit_range")), r.get("logit_range")),
+        td(head_letter(rec) + (f" ({letters})" if letters else "")),
+        td(fmt_num(rec.get("entropy_mean")), rec.get("entropy_mean")),
+        td(fmt_pct(rec.get("sink_mass_mean")), rec.get("sink_mass_mean")),
+        td(fmt_num(entry.get("score")), entry.get("score")),
+        td(", ".join(map(str, rec.get("flags") or []))),
+        reason_td(entry.get("reason"), full=False),
+    ]
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _ranking_table(page: Page) -> str:
+    """Every head, best candidates first."""
+    eps_keys = page.result.run.get("eps_keys") or []
+    rows = [_ranking_row(page, entry, eps_keys) for entry in page.result.ranking]
     header = (
         [("rank", True), ("head", False), ("kv", True)]
         + [(f"k/n eps={k}", True) for k in eps_keys]
@@ -136,17 +151,13 @@ def plan_section(page: Page) -> str:
             ("reason", False),
         ]
     )
-    title = "Sparse-attention plan" if plan else "Ranked heads (no plan ran)"
-    if plan:
-        inner += "<h3>All heads, ranked</h3>"
-    inner += table(
+    return table(
         "ranking-table",
         header,
         rows,
         f"All {len(rows)} heads, best candidates first; hover a reason for all of it; "
         "click a column to sort.",
     )
-    return page.section("plan", title, inner)
 
 
 def groups_section(page: Page) -> str:

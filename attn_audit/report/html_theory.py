@@ -48,10 +48,8 @@ def _qq_badness(block: dict[str, Any], points: list[list[float]], chi2: bool) ->
     return max((abs(y - x) for x, y in points), default=0.0)
 
 
-def qq_section(page: Page) -> str:
-    """QQ plots of the least and most Gaussian head/site pairs; "" without QQ data."""
-    from attn_audit.report.plots_xy import qq_grid
-
+def _qq_candidates(page: Page) -> tuple[list[tuple[Any, ...]], set[bool]]:
+    """Every head/site with QQ points as (badness, head, site, points, chi2), and the kinds seen."""
     candidates = []
     kinds = set()
     seen = set()
@@ -68,6 +66,14 @@ def qq_section(page: Page) -> str:
             kinds.add(chi2)
             badness = _qq_badness(block, points, chi2)
             candidates.append((badness, rec, re.sub(r"[^\w.-]", "", str(site)), points, chi2))
+    return candidates, kinds
+
+
+def qq_section(page: Page) -> str:
+    """QQ plots of the least and most Gaussian head/site pairs; "" without QQ data."""
+    from attn_audit.report.plots_xy import qq_grid
+
+    candidates, kinds = _qq_candidates(page)
     if not candidates:
         return ""
     candidates.sort(key=lambda c: (c[0], c[1]["layer"], c[1]["head"], c[2]))
@@ -115,9 +121,41 @@ def theory_section(page: Page) -> str:
 
     result = page.result
     eps = page.eps
+    series, ratios, spearman = _theory_points(page)
+    summary = result.data.get("theory_summary")
+    if not any(series.values()) and not isinstance(summary, dict):
+        return ""
+    inner = ""
+    if any(series.values()):
+        labels = {"k_pred": "large-n formula", "k_pred_finite_n": "finite-n Monte Carlo"}
+        svg = scatter_pred({labels[k]: v for k, v in series.items() if v}, eps=eps, salt="theory")
+        inner += (
+            f"<figure>{svg}<figcaption>Each point is a head: the Gaussian model's prediction of "
+            f"k against the measured mean k at eps={e(eps)}, coloured by layer; points under "
+            "the dashed line are sparser than predicted.</figcaption></figure>"
+        )
+    facts = _theory_facts(eps, ratios, spearman, summary)
+    if facts:
+        inner += (
+            '<dl class="facts">'
+            + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in facts)
+            + "</dl>"
+        )
+    return page.section("theory", "Theory: predicted against measured k", inner)
+
+
+def _theory_points(
+    page: Page,
+) -> tuple[dict[str, list[tuple[float, float, int]]], list[float], list[float]]:
+    """The theory data of every head at the primary eps.
+
+    Returns (measured, predicted, layer) points per prediction ("k_pred", "k_pred_finite_n"),
+    and the heads' median log(k / k_pred) and Spearman(k, k_pred) values.
+    """
+    eps = page.eps
     series: dict[str, list[tuple[float, float, int]]] = {"k_pred": [], "k_pred_finite_n": []}
     ratios, spearman = [], []
-    for rec in result.heads:
+    for rec in page.result.heads:
         theory = rec.get("theory")
         if not isinstance(theory, dict):
             continue
@@ -132,18 +170,13 @@ def theory_section(page: Page) -> str:
             ratios.append(x)
         if (x := num((theory.get("spearman") or {}).get(eps))) is not None:
             spearman.append(x)
-    summary = result.data.get("theory_summary")
-    if not any(series.values()) and not isinstance(summary, dict):
-        return ""
-    inner = ""
-    if any(series.values()):
-        labels = {"k_pred": "large-n formula", "k_pred_finite_n": "finite-n Monte Carlo"}
-        svg = scatter_pred({labels[k]: v for k, v in series.items() if v}, eps=eps, salt="theory")
-        inner += (
-            f"<figure>{svg}<figcaption>Each point is a head: the Gaussian model's prediction of "
-            f"k against the measured mean k at eps={e(eps)}, coloured by layer; points under "
-            "the dashed line are sparser than predicted.</figcaption></figure>"
-        )
+    return series, ratios, spearman
+
+
+def _theory_facts(
+    eps: str, ratios: list[float], spearman: list[float], summary: Any
+) -> list[tuple[str, str]]:
+    """Medians over heads, then every entry of the run's theory summary, as display text."""
     facts = []
     if (x := _median(ratios)) is not None:
         facts.append((f"median over heads of log(k / k_pred), eps={eps}", fmt_num(x)))
@@ -159,10 +192,4 @@ def theory_section(page: Page) -> str:
         else:
             text = str(value)
         facts.append((str(key), text))
-    if facts:
-        inner += (
-            '<dl class="facts">'
-            + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in facts)
-            + "</dl>"
-        )
-    return page.section("theory", "Theory: predicted against measured k", inner)
+    return facts
