@@ -156,13 +156,11 @@ def _exponent_cell(rec: dict[str, Any] | None) -> str:
 
 def _exponent_map(page: Page) -> str:
     """The layer x head map of the fitted exponent C ("" when no head has one)."""
-    from attn_audit.report.plots_heatmaps import heatmap
-
-    c_values = page.grid(lambda rec: num((rec.get("scaling") or {}).get("C")) if rec else None)
-    if not any(v is not None for row in c_values for v in row):
-        return ""
-    fig = heatmap(
-        c_values,
+    return page.value_map(
+        "C",
+        lambda rec: (rec.get("scaling") or {}).get("C"),
+        _exponent_cell,
+        "Fitted exponent C (hover for its bootstrap interval).",
         title="fitted exponent C per head",
         colorbar_label="C",
         salt="cheat",
@@ -170,7 +168,4 @@ def _exponent_map(page: Page) -> str:
         vmax=1.0,
         cmap="cividis",
         cell_format="{:.2f}",
-    )
-    return page.heat_figure(
-        "C", fig, page.grid(_exponent_cell), "Fitted exponent C (hover for its bootstrap interval)."
     )

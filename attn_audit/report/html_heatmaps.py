@@ -136,25 +136,17 @@ def _kfrac_maps(page: Page) -> str:
 
 def _r_map(page: Page) -> str:
     """The map of the empirical logit range R ("" when no head has one)."""
-    from attn_audit.report.plots_heatmaps import heatmap
-
-    r_values = page.grid(lambda rec: num((rec.get("R") or {}).get("logit_range")) if rec else None)
-    if not any(v is not None for row in r_values for v in row):
-        return ""
-    fig = heatmap(
-        r_values,
+    return page.value_map(
+        "R",
+        lambda rec: (rec.get("R") or {}).get("logit_range"),
+        _r_cell,
+        "Empirical logit range (the quantity the norm bound R bounds); "
+        "hover for the bound and the Q/K norms.",
         title="R: empirical logit range per head",
         colorbar_label="max |logit| range",
         salt="rheat",
         cmap="magma",
         cell_format="{:.0f}",
-    )
-    return page.heat_figure(
-        "R",
-        fig,
-        page.grid(_r_cell),
-        "Empirical logit range (the quantity the norm bound R bounds); "
-        "hover for the bound and the Q/K norms.",
     )
 
 

@@ -108,6 +108,16 @@ class Page:
             f'<figure data-heat="{e(key)}">{fig.svg}<figcaption>{e(caption)}</figcaption></figure>'
         )
 
+    def value_map(self, key: str, value: Any, cell: Any, caption: str, **heatmap_args: Any) -> str:
+        """A heatmap of one number per head, ``value(rec)``, with ``cell(rec)`` as the hover
+        text of each cell ("" when no head has a value); ``heatmap_args`` go to the plot."""
+        from attn_audit.report.plots_heatmaps import heatmap
+
+        values = self.grid(lambda rec: num(value(rec)) if rec else None)
+        if not any(v is not None for row in values for v in row):
+            return ""
+        return self.heat_figure(key, heatmap(values, **heatmap_args), self.grid(cell), caption)
+
     def chosen_heads(self) -> list[tuple[dict[str, Any], str, bool]]:
         """Top and bottom heads of the ranking: (head record, legend label, is_bottom)."""
         ranking = self.result.ranking
