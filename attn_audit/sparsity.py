@@ -66,12 +66,14 @@ def _nanquantile_columns(x: np.ndarray, q: list[float]) -> np.ndarray:
     nanquantile runs a Python-level 1-d quantile per column; the columns without NaN (nearly
     all) take one vectorised ``np.quantile`` instead, which computes each column alike.
     """
-    out = np.empty((len(q), x.shape[1]))
-    dirty = np.isnan(x).any(axis=0)
+    out = np.full((len(q), x.shape[1]), np.nan)
+    nan = np.isnan(x)
+    dirty = nan.any(axis=0)
     if (~dirty).any():
         out[:, ~dirty] = np.quantile(x[:, ~dirty], q, axis=0)
-    if dirty.any():
-        out[:, dirty] = np.nanquantile(x[:, dirty], q, axis=0)
+    some = dirty & ~nan.all(axis=0)  # all-NaN columns (no valid row in any resample) stay NaN
+    if some.any():
+        out[:, some] = np.nanquantile(x[:, some], q, axis=0)
     return out
 
 

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -536,17 +535,11 @@ def test_html_hover_data_matches_the_figures() -> None:
     assert heat["kfrac1"]["cells"][0].startswith("L0.H0 kv0: k/n")
 
 
-def test_html_size_and_time_for_a_30x9_model() -> None:
+def test_html_size_for_a_30x9_model() -> None:
     result = make_result(num_layers=30, num_heads=9, num_kv_heads=3, seq_len=2048)
     renderer = get_renderer("html")
-    renderer.render(make_result())  # warm up matplotlib's font cache
-    start = time.perf_counter()
     page = renderer.render(result)
-    elapsed = time.perf_counter() - start
-    size = len(page.encode("utf-8"))
-    print(f"30x9 HTML: {size / 1e3:.0f} kB in {elapsed:.2f} s")
-    assert size < 5_000_000
-    assert elapsed < 15  # ~1 s on 2 cores; the bound only catches pathologies
+    assert len(page.encode("utf-8")) < 5_000_000
     full = renderer.render(
         make_result(
             num_layers=30,

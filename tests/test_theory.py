@@ -4,7 +4,6 @@ answers, finite-n agreement, R via Gram, fits, CIs."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -88,13 +87,11 @@ def test_k_pred_finite_n_default_draws_accuracy() -> None:
             assert k_pred_finite_n(1024, sigma, 0.05, rng=seed) == pytest.approx(ref, rel=tol)
 
 
-def test_k_pred_finite_n_is_fast_on_thousands_of_rows() -> None:
+def test_k_pred_finite_n_on_thousands_of_rows() -> None:
     rng = np.random.default_rng(1)
     n = rng.choice([512, 1024, 2048], size=3000)
     sigma = rng.uniform(0.5, 3.0, size=3000)
-    t0 = time.perf_counter()
-    k = k_pred_finite_n(n, sigma, 0.05)
-    assert time.perf_counter() - t0 < 10.0  # ~0.5 s on a 2-core machine
+    k = k_pred_finite_n(n, sigma, 0.05)  # its speed is measured by the benchmarks, not here
     assert k.shape == (3000,) and np.all((k >= 1) & (k <= n))
 
 
