@@ -1,8 +1,10 @@
 """Benchmark: the full exact audit against the plain sdpa forward of the same tokens.
 
 For each length, in one process: load the bundled SmolLM2, time the plain forward (sdpa, no
-capture) of the token batch, then time the audit of the same batch with every row measured
-(``--exact``: capture, exact k_eps of every row, reservoirs, statistics, ranking), and print
+capture) of the token batch, then the audit of the same batch with every row measured
+(``--exact``: capture, exact k_eps of every row, reservoirs, statistics, ranking), then the
+forward again (this host's speed drifts over minutes: ``forward_s`` is the mean of the two
+forward timings, each the faster of two runs), and print
 
     seq_len=1024 sequences=8 forward_s=... audit_s=... ratio=<audit / forward> capture_s=...
     statistics_s=... capture_ratio=<capture / forward> ... added_rss_mb=...
@@ -11,8 +13,9 @@ Each length gets the same token budget (``--tokens``, default 8192: 8 x 1024, 2 
 row kernel is compiled by numba on first use and cached on disk; a tiny warm-up call before the
 timed audit keeps that one-time compilation (reported as ``jit_s``) out of the ratio.
 
-``added_rss_mb`` is the process's peak RSS during the audit minus its RSS after the model was
-loaded and the forward ran. ``--flat`` also runs 8 and 64 sequences at one length and prints the
+``added_rss_mb`` is the process's peak RSS during the audit minus its RSS right after the model
+was loaded (before any forward; conservative: memory the forward left with the allocator counts
+as added). ``--flat`` also runs 8 and 64 sequences at one length and prints the
 two peak RSS figures (the result is streamed, so they should agree within 10%).
 
 Usage: .venv/bin/python benchmarks/bench_audit.py [--lengths 1024,4096] [--tokens 8192]
@@ -66,9 +69,11 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
     jit = time.perf_counter() - t0
     lm = load_model("smollm2-135m-instruct", device=device)
     (td,) = build_sequences(DataSpec(), lm.tokenizer, [seq_len], sequences, 0)
+    rss_loaded = _rss_mb()  # the loaded model (before any forward)
     base = lm.model.base_model
-    fwd = float("nan")
-    if not skip_forward:
+
+    def forward_s() -> float:
+        """The plain forward of the batch: the faster of two runs."""
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
@@ -78,8 +83,9 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        fwd = min(times)
-    rss_loaded = _rss_mb()
+        return min(times)
+
+    fwd_before = float("nan") if skip_forward else forward_s()
     _reset_peak()
     cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size, exact=True,
                       device=device)
@@ -89,10 +95,16 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
         torch.cuda.synchronize()
     aud = time.perf_counter() - t0
     peak = _rss_mb("VmHWM")
+    # the host's speed drifts over minutes: the forward is timed before and after the audit and
+    # the ratio uses their mean (both are printed)
+    fwd_after = float("nan") if skip_forward else forward_s()
+    fwd = (fwd_before + fwd_after) / 2
     return {
         "seq_len": seq_len,
         "sequences": sequences,
         "forward_s": round(fwd, 3),
+        "forward_before_s": round(fwd_before, 3),
+        "forward_after_s": round(fwd_after, 3),
         "audit_s": round(aud, 3),
         "ratio": round(aud / fwd, 3) if fwd == fwd else None,
         # the split: capture (data, forward with the exact kernel) and the statistics, whose cost
