@@ -51,27 +51,6 @@ from attn_audit.rows_cpu_stages import (
 
 __all__ = ["rows_kernel", "FLT_NAMES"]
 
-
-def _prefer_wide_vectors() -> None:
-    """On AVX-512 hosts, let LLVM vectorise with 512-bit registers (its default tuning caps
-    loops at 256 bits on those CPUs): the exp / sums pass runs ~1.3x faster, the kernel ~10%.
-
-    Takes effect only before numba's first compilation in the process (numba compiles on first
-    call, so the stage functions imported above are compiled after this), never overrides a
-    user's own ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``. The features are part of numba's
-    cache key, so cached code never crosses CPUs.
-    """
-    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
-        return
-    from llvmlite import binding as llvm
-
-    features = llvm.get_host_cpu_features()
-    if features.get("avx512f") and features.get("avx512bw"):
-        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
-
-
-_prefer_wide_vectors()
-
 _MARGIN_ULPS = 8.0
 _U64 = 2.0**-53
 

@@ -16,6 +16,27 @@ from numba.extending import intrinsic
 
 from attn_audit.rows import num_bins
 
+
+def _prefer_wide_vectors() -> None:
+    """On AVX-512 hosts, let LLVM vectorise with 512-bit registers (its default tuning caps
+    loops at 256 bits on those CPUs): the exp / sums pass runs ~1.3x faster, the kernel ~10%.
+
+    Takes effect only before numba sets up its CPU target in the process (declaring the
+    intrinsics below already does, so this runs first), never overrides a
+    user's own ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``. The features are part of numba's
+    cache key, so cached code never crosses CPUs.
+    """
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return
+    from llvmlite import binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512f") and features.get("avx512bw"):
+        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
+
+
+_prefer_wide_vectors()
+
 _num_bins = numba.njit(cache=True)(num_bins)
 
 _FM = {"nsz", "arcp", "contract", "reassoc"}
