@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate reports/ from real runs of both bundled models (CPU, ~10-20 min on 2 cores).
+# Regenerate reports/ from real runs of both bundled models (CPU, ~4 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
