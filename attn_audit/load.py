@@ -218,7 +218,7 @@ def load_model(
             else "check the id (see --list-models for bundled aliases) or pass a local directory"
         )
         raise ModelLoadError(f"cannot load model '{name}': {hint} ({type(exc).__name__})") from None
-    family = check_family(config)
+    check_family(config)  # raises for unsupported families before any weights load
     cls = _pick_class(config)
     try:
         model = cls.from_pretrained(
