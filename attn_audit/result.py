@@ -58,6 +58,12 @@ SCHEMA_VERSION = 1
 REQUIRED_TOP = ("schema_version", "model", "run", "heads", "ranking")
 
 
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)``, or None where it is NaN or infinite (strict JSON has neither)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
 def _clean(value: Any) -> Any:
     """Recursively turn a value into strict JSON types (NaN/inf become None)."""
     if isinstance(value, float):

@@ -273,7 +273,7 @@ def test_spearman_ci_resampled_ranks_equal_rankdata() -> None:
 
 def test_theory_blocks_equal_per_head_theory_block() -> None:
     """The batched assemble path gives the per-head blocks exactly (dict order included)."""
-    from attn_audit.assemble import theory_block, theory_blocks
+    from attn_audit.assemble_theory import theory_block, theory_blocks
 
     names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid"]
     names += ["k_eps@0.01", "k_eps@0.05", "k_eps@0.1"]
@@ -335,7 +335,7 @@ def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
 def test_theory_block_spearman_equals_scipy_spearmanr(monkeypatch: pytest.MonkeyPatch) -> None:
     """theory_block / theory_blocks rank without scipy.stats and get spearmanr's rho exactly."""
     from attn_audit import finite_n
-    from attn_audit.assemble import theory_block, theory_blocks
+    from attn_audit.assemble_theory import theory_block, theory_blocks
 
     def fake_finite_n(n, sigma, eps, **_):  # type: ignore[no-untyped-def]
         k = np.round(np.asarray(sigma, dtype=np.float64) * 5) + 1  # tied predictions
