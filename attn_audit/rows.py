@@ -346,9 +346,7 @@ def row_metrics(
         raise ValueError(f"backend must be auto, cpu or torch, got {backend!r}")
     use_torch = backend == "torch" or (backend == "auto" and scores.device.type != "cpu")
     if causal and use_torch:
-        cols = torch.arange(n, device=scores.device)
-        late = cols[None, :] > q_pos.to(scores.device)[:, None]  # (R, n)
-        scores = scores.masked_fill(late, float("-inf"))
+        scores = _mask_after(scores, q_pos)
     if use_torch:
         from attn_audit.rows_torch import torch_row_metrics
 
@@ -360,6 +358,13 @@ def row_metrics(
             res.mass = weights_out.sum(-1, dtype=torch.float64)
         return res
     return _cpu_row_metrics(scores, q_pos, spec, _force_fallback, weights_out, causal)
+
+
+def _mask_after(x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """A copy of scores ``x`` (..., R, n) with the keys after each row's query position
+    (``q_pos``: (R,)) set to -inf (what ``causal=True`` leaves unmasked)."""
+    late = torch.arange(x.shape[-1], device=x.device)[None, :] > q_pos.to(x.device)[:, None]
+    return x.masked_fill(late, float("-inf"))
 
 
 def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
@@ -397,8 +402,7 @@ def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: RowSpec,
         rows = idx[a0 : a0 + step]
         xr = x[rows]
         if causal:
-            late = torch.arange(n)[None, :] > q_pos.cpu()[rows % r][:, None]
-            xr = xr.masked_fill(late, float("-inf"))
+            xr = _mask_after(xr, q_pos.cpu()[rows % r])
         _, _, k, ks, tail = _exact_sorted(xr, spec)
         res["k_eps"][rows] = k
         res["k_eps_sinks"][rows] = ks

@@ -384,6 +384,8 @@ def test_causal_flag_ignores_values_after_the_query(c: dict, backend: str) -> No
     got = row_metrics(junk, q, spec, backend=backend, causal=True, weights_out=w)
     assert_matches(got, ref)
     assert (w[..., late] == 0).all()
+    # every row through the reference path, which must apply the causal cut itself
+    assert_matches(row_metrics(junk, q, spec, backend=backend, causal=True, _force_fallback=True), ref)
 
 
 def test_cpu_kernel_uses_512_bit_vectors_on_avx512_hosts() -> None:
