@@ -214,11 +214,13 @@ class Accumulator:
         causal_only = (call.is_causal and not call.sliding_window and q.shape[2] == keys_total
                        and bool(mask.all()))
         out = torch.empty(b, self.H, q.shape[2], self.head_dim) if fuse else None
+        on_cpu = q.device.type == "cpu"  # (a GPU's caching allocator makes fresh blocks cheap)
         parts = []
         for start in range(0, len(rows), step):
             blk = rows[start : start + step]
             n_keys = int(blk.max()) + 1 if call.is_causal else keys_total
-            s = scores(call, blk, n_keys, masked=not causal_only)  # (batch, head, R, keys)
+            s = scores(call, blk, n_keys, masked=not causal_only,  # (batch, head, R, keys)
+                       out=self._buffer("scores", (b, self.H, len(blk), n_keys)) if on_cpu else None)
             w = self._buffer("weights", s.shape) if fuse else None
             m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec, causal=causal_only,
                             weights_out=None if w is None else w.view(b * self.H, len(blk), n_keys))

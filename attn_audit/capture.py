@@ -182,10 +182,14 @@ def allowed_mask(
 
 def scores(
     call: AttentionCall, rows: slice | torch.Tensor | None = None, keys: int | None = None,
-    masked: bool = True,
+    masked: bool = True, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pre-softmax logits in float32, disallowed keys set to -inf (``masked=False``: left as
     computed, for callers that apply a known causal mask themselves).
+
+    ``out``: a contiguous float32 (batch, head, rows, keys) tensor to write them into (the same
+    bits). Reusing one saves the page faults of a fresh allocation of that size, which at
+    256 x 4096 x 9 scores (38 MB) made the product ~2.4x slower on a 2-core host.
 
     Returns:
         (batch, head, rows, keys) float32; query head h reads KV head h // (H_q / H_kv).
@@ -196,11 +200,16 @@ def scores(
     hkv = k.shape[1]
     groups = hq // hkv
     q = q.float().reshape(b, hkv, groups * r, d)
+    shape = (b, hq, r, k.shape[2])
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
+    grouped = None if out is None else out.view(b, hkv, groups * r, k.shape[2])
     mant, _ = math.frexp(call.scaling)
     if mant == 0.5:  # a power of two (d_head ** -0.5 for d_head = 4^j) scales q exactly: same bits,
-        s = torch.matmul(q * call.scaling, k.float().transpose(-1, -2)).view(b, hq, r, k.shape[2])
+        s = torch.matmul(q * call.scaling, k.float().transpose(-1, -2), out=grouped).view(shape)
     else:  # and a pass over the (much larger) scores saved; else scale after, as eager does
-        s = torch.matmul(q, k.float().transpose(-1, -2)).view(b, hq, r, k.shape[2])
+        s = torch.matmul(q, k.float().transpose(-1, -2), out=grouped).view(shape)
         s.mul_(call.scaling)
     if call.softcap:
         s = torch.tanh(s / call.softcap) * call.softcap

@@ -152,3 +152,24 @@ def test_exact_audit_outputs_equal_smollm2s_own(smollm2):
     assert len(replaced) == 30 and all(replaced)
     valid = enc["attention_mask"].bool()
     torch.testing.assert_close(got[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scaling", [0.125, 0.1])  # power of two (q scaled first) and not (after)
+def test_scores_into_a_reused_buffer_are_the_same_bits(scaling):
+    """The accumulator writes each block's scores into one reused buffer: the values must be
+    those of a fresh product, in that buffer, and a buffer of the wrong shape is refused."""
+    from attn_audit.capture import AttentionCall, scores
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 6, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    call = AttentionCall(layer=0, query=q, key=k, value=k.clone(), attention_mask=None,
+                         scaling=scaling, softcap=None, sliding_window=None, is_causal=True)
+    rows = torch.arange(8, 24)
+    fresh = scores(call, rows, 24)
+    buf = torch.full((2, 6, 16, 24), float("nan"))
+    got = scores(call, rows, 24, out=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(got, fresh) and torch.equal(buf, fresh)
+    assert torch.isinf(fresh[..., 0, 9:]).all() and torch.isfinite(fresh[..., 0, :9]).all()  # row 8
+    with pytest.raises(ValueError, match="out must be"):
+        scores(call, rows, 24, out=torch.empty(2, 6, 16, 23))
