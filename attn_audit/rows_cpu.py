@@ -29,8 +29,10 @@ The kernel is compiled on first use and cached on disk by numba (a few seconds o
 
 from __future__ import annotations
 
+import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -61,207 +63,233 @@ FLT_NAMES = ("participation", "entropy", "sink_mass", "local_mass", "bulk_mass",
 N_FLT = len(FLT_NAMES)
 
 
-@numba.njit(nogil=True, cache=True)
-def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb_max, dcap,
-          ints, k_all, k_ns, tail, flt, redo, write_w, w_out, mass, causal):  # type: ignore[no-untyped-def]
-    """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head].
+def _sources_digest() -> int:
+    """A digest of the other source files whose functions the kernel inlines
+    (:mod:`attn_audit.rows_cpu_stages`, and :func:`attn_audit.rows.num_bins` in rows.py)."""
+    from attn_audit import rows, rows_cpu_stages
 
-    xi: the integer view of x; mask / neg_inf: see :func:`_scan`. With causal, keys after the
-    row's query position are disallowed whatever x holds there.
+    h = hashlib.sha256()
+    for mod in (rows_cpu_stages, rows):
+        h.update(Path(mod.__file__).read_bytes())
+    return int(h.hexdigest()[:15], 16)
 
-    mass[i] receives the sum of exp(x[i] - row max) over allowed keys (0 for a row without
-    any); with write_w, w_out[i] (rows, n) receives those weights (0 on masked keys).
+
+def _compile(sources_digest: int):  # type: ignore[no-untyped-def]
+    """The kernel, compiled by numba and cached on disk.
+
+    numba keys a cached function on its own file's time stamp only, not on the files of the
+    functions it inlines: after a change to rows_cpu_stages.py alone it would load the stale
+    machine code (with a changed bin count, writing past its buffers). It also hashes the
+    values a closure captures, so the kernel closes over a digest of those files.
     """
-    n = x.shape[1]
-    n_eps = eps.shape[0]
-    n_bud = budgets.shape[0]
-    e = np.empty(n)
-    bins = np.empty(n, np.int32)
-    hm = np.empty(nb_max + 2)
-    hc = np.empty(nb_max + 2, np.int64)
-    cm = np.empty(nb_max + 2)  # cm[b] = mass of bins < b
-    cc = np.empty(nb_max + 2, np.int64)  # cc[b] = keys in bins < b
-    slot = np.full(nb_max + 2, -1, np.int64)  # segment of a boundary bin, -1 elsewhere
-    seg_bin = np.empty(n_eps * 2 + n_bud, np.int64)
-    seg_off = np.empty(n_eps * 2 + n_bud + 1, np.int64)
-    seg_pos = np.empty(n_eps * 2 + n_bud, np.int64)
-    gv = np.empty(n)
-    skip = np.empty(max(sinks, 1))
-    used = np.empty(max(sinks, 1), np.bool_)
-    b_all = np.empty(n_eps, np.int64)
-    b_ns = np.empty(n_eps, np.int64)
-    b_bd = np.empty(n_bud, np.int64)
-    bits = np.empty(2, xi.dtype)  # decode order keys to floats through this
-    vals = bits.view(x.dtype)
-    for i in range(row0, row1):
-        xr = x[i]
-        q = q_pos[i % n_rows_per_head]
-        if causal:
-            ln = max(0, min(n, q + 1))
-            while ln > 0 and xi[i, ln - 1] == neg_inf:
-                ln -= 1
-        else:
-            ln = _row_extent(xi[i], n, q, mask, neg_inf)
-        kmx, kmn, cnt = _scan(xi[i], 0, ln, mask, neg_inf)
-        bits[0] = kmx ^ (mask if kmx < 0 else mask ^ mask)
-        bits[1] = kmn ^ (mask if kmn < 0 else mask ^ mask)
-        mx = np.float64(vals[0])
-        mn = np.float64(vals[1])
-        ints[i, 0] = cnt
-        mass[i] = 0.0
-        if cnt == 0:
+
+    @numba.njit(nogil=True, cache=True)
+    def _rows(x, xi, mask, neg_inf, q_pos, n_rows_per_head, row0, row1, eps, budgets, sinks, window, nb_max, dcap,
+              ints, k_all, k_ns, tail, flt, redo, write_w, w_out, mass, causal):  # type: ignore[no-untyped-def]
+        """Rows [row0, row1) of x (rows, n); row i is query q_pos[i % n_rows_per_head].
+
+        xi: the integer view of x; mask / neg_inf: see :func:`_scan`. With causal, keys after the
+        row's query position are disallowed whatever x holds there.
+
+        mass[i] receives the sum of exp(x[i] - row max) over allowed keys (0 for a row without
+        any); with write_w, w_out[i] (rows, n) receives those weights (0 on masked keys).
+        """
+        _ = sources_digest  # a closure variable: part of numba's cache key (see _compile)
+        n = x.shape[1]
+        n_eps = eps.shape[0]
+        n_bud = budgets.shape[0]
+        e = np.empty(n)
+        bins = np.empty(n, np.int32)
+        hm = np.empty(nb_max + 2)
+        hc = np.empty(nb_max + 2, np.int64)
+        cm = np.empty(nb_max + 2)  # cm[b] = mass of bins < b
+        cc = np.empty(nb_max + 2, np.int64)  # cc[b] = keys in bins < b
+        slot = np.full(nb_max + 2, -1, np.int64)  # segment of a boundary bin, -1 elsewhere
+        seg_bin = np.empty(n_eps * 2 + n_bud, np.int64)
+        seg_off = np.empty(n_eps * 2 + n_bud + 1, np.int64)
+        seg_pos = np.empty(n_eps * 2 + n_bud, np.int64)
+        gv = np.empty(n)
+        skip = np.empty(max(sinks, 1))
+        used = np.empty(max(sinks, 1), np.bool_)
+        b_all = np.empty(n_eps, np.int64)
+        b_ns = np.empty(n_eps, np.int64)
+        b_bd = np.empty(n_bud, np.int64)
+        bits = np.empty(2, xi.dtype)  # decode order keys to floats through this
+        vals = bits.view(x.dtype)
+        for i in range(row0, row1):
+            xr = x[i]
+            q = q_pos[i % n_rows_per_head]
+            if causal:
+                ln = max(0, min(n, q + 1))
+                while ln > 0 and xi[i, ln - 1] == neg_inf:
+                    ln -= 1
+            else:
+                ln = _row_extent(xi[i], n, q, mask, neg_inf)
+            kmx, kmn, cnt = _scan(xi[i], 0, ln, mask, neg_inf)
+            bits[0] = kmx ^ (mask if kmx < 0 else mask ^ mask)
+            bits[1] = kmn ^ (mask if kmn < 0 else mask ^ mask)
+            mx = np.float64(vals[0])
+            mn = np.float64(vals[1])
+            ints[i, 0] = cnt
+            mass[i] = 0.0
+            if cnt == 0:
+                if write_w:
+                    w_out[i, :] = 0.0
+                ints[i, 1] = 0
+                for t in range(n_eps):
+                    k_all[i, t] = 0
+                    k_ns[i, t] = 0
+                for t in range(n_bud):
+                    tail[i, t] = np.nan
+                for t in range(9):
+                    flt[i, t] = np.nan
+                flt[i, 7] = -np.inf
+                flt[i, 8] = -np.inf
+                redo[i] = False
+                continue
+            nb = _num_bins(ln)  # bins for this row's own length (causal rows are shorter than n)
+            span = min(mx - mn, dcap)
+            inv_w = nb / span if span > 0.0 else 0.0
+            z, s2, sed, s1, s11 = _stream(xr, ln, mx, inv_w, nb, e, bins)
+            mass[i] = z
             if write_w:
-                w_out[i, :] = 0.0
-            ints[i, 1] = 0
+                wr = w_out[i]
+                for j in range(ln):
+                    wr[j] = e[j]
+                wr[ln:] = 0.0
+            _histogram(e, bins, ln, nb, hm, hc)
+            tol = _MARGIN_ULPS * (ln + 8) * _U64 * z
+            # sink and local-window regions (sinks: columns < s0; local: (q - window, q])
+            s0 = min(sinks, ln)
+            m_s, n_s, d_s, dd_s = _region_sums(e, xr, mx, 0, s0)
+            l0 = max(s0, q - window + 1)
+            l1 = min(q + 1, ln)
+            m_l, n_l, d_l, dd_l = _region_sums(e, xr, mx, l0, max(l0, l1))
+            n_b = cnt - n_s - n_l
+            ints[i, 1] = n_b
+            flt[i, 0] = z * z / s2
+            flt[i, 1] = math.log(z) - sed / z
+            flt[i, 2] = m_s / z
+            flt[i, 3] = m_l / z
+            flt[i, 4] = max((z - m_s - m_l) / z, 0.0)
+            if n_b >= 2:
+                mean_d = (s1 - d_s - d_l) / n_b
+                var = max((s11 - dd_s - dd_l) / n_b - mean_d * mean_d, 0.0)
+                flt[i, 5] = mx + mean_d
+                flt[i, 6] = math.sqrt(var)
+            else:
+                flt[i, 5] = np.nan
+                flt[i, 6] = np.nan
+            flt[i, 7] = mx
+            flt[i, 8] = max(abs(mx), abs(mn))
+            # prefix sums over bins (the masked bin nb + 1 is never part of them)
+            cm[0] = 0.0
+            cc[0] = 0
+            for b in range(nb + 1):
+                cm[b + 1] = cm[b] + hm[b]
+                cc[b + 1] = cc[b] + hc[b]
+            # boundary bin of every target
+            bad = False
             for t in range(n_eps):
-                k_all[i, t] = 0
-                k_ns[i, t] = 0
+                thr = (1.0 - eps[t]) * z
+                b_all[t] = _search_mass(cm, nb, thr)
+                if m_s - thr > tol:
+                    b_ns[t] = -2  # the sinks alone reach the target: k = |S|
+                elif thr - m_s <= tol:
+                    b_ns[t] = -2
+                    bad = True
+                else:
+                    b_ns[t] = _search_ns(cm, nb, thr - m_s, e, bins, s0)
+                if b_all[t] > nb or b_ns[t] > nb:
+                    bad = True
             for t in range(n_bud):
-                tail[i, t] = np.nan
-            for t in range(9):
-                flt[i, t] = np.nan
-            flt[i, 7] = -np.inf
-            flt[i, 8] = -np.inf
-            redo[i] = False
-            continue
-        nb = _num_bins(ln)  # bins for this row's own length (causal rows are shorter than n)
-        span = min(mx - mn, dcap)
-        inv_w = nb / span if span > 0.0 else 0.0
-        z, s2, sed, s1, s11 = _stream(xr, ln, mx, inv_w, nb, e, bins)
-        mass[i] = z
-        if write_w:
-            wr = w_out[i]
+                bb = min(budgets[t], cnt)
+                b_bd[t] = -1
+                if bb < cnt:
+                    lo = 0
+                    hi = nb + 1
+                    while lo < hi:  # first bin with cc[b + 1] >= bb
+                        mid = (lo + hi) // 2
+                        if cc[mid + 1] >= bb:
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    b_bd[t] = lo
+            if bad:
+                redo[i] = True
+                continue
+            # gather the keys of the boundary bins, one contiguous segment per bin
+            n_seg = 0
+            seg_off[0] = 0
+            for t in range(2 * n_eps + n_bud):
+                if t < n_eps:
+                    b = b_all[t]
+                elif t < 2 * n_eps:
+                    b = b_ns[t - n_eps]
+                else:
+                    b = b_bd[t - 2 * n_eps]
+                    if b >= nb:
+                        b = -1  # the overflow bin is bounded, not resolved (below)
+                if b >= 0 and slot[b] < 0:
+                    slot[b] = n_seg
+                    seg_bin[n_seg] = b
+                    seg_pos[n_seg] = seg_off[n_seg]
+                    seg_off[n_seg + 1] = seg_off[n_seg] + hc[b]
+                    n_seg += 1
             for j in range(ln):
-                wr[j] = e[j]
-            wr[ln:] = 0.0
-        _histogram(e, bins, ln, nb, hm, hc)
-        tol = _MARGIN_ULPS * (ln + 8) * _U64 * z
-        # sink and local-window regions (sinks: columns < s0; local: (q - window, q])
-        s0 = min(sinks, ln)
-        m_s, n_s, d_s, dd_s = _region_sums(e, xr, mx, 0, s0)
-        l0 = max(s0, q - window + 1)
-        l1 = min(q + 1, ln)
-        m_l, n_l, d_l, dd_l = _region_sums(e, xr, mx, l0, max(l0, l1))
-        n_b = cnt - n_s - n_l
-        ints[i, 1] = n_b
-        flt[i, 0] = z * z / s2
-        flt[i, 1] = math.log(z) - sed / z
-        flt[i, 2] = m_s / z
-        flt[i, 3] = m_l / z
-        flt[i, 4] = max((z - m_s - m_l) / z, 0.0)
-        if n_b >= 2:
-            mean_d = (s1 - d_s - d_l) / n_b
-            var = max((s11 - dd_s - dd_l) / n_b - mean_d * mean_d, 0.0)
-            flt[i, 5] = mx + mean_d
-            flt[i, 6] = math.sqrt(var)
-        else:
-            flt[i, 5] = np.nan
-            flt[i, 6] = np.nan
-        flt[i, 7] = mx
-        flt[i, 8] = max(abs(mx), abs(mn))
-        # prefix sums over bins (the masked bin nb + 1 is never part of them)
-        cm[0] = 0.0
-        cc[0] = 0
-        for b in range(nb + 1):
-            cm[b + 1] = cm[b] + hm[b]
-            cc[b + 1] = cc[b] + hc[b]
-        # boundary bin of every target
-        bad = False
-        for t in range(n_eps):
-            thr = (1.0 - eps[t]) * z
-            b_all[t] = _search_mass(cm, nb, thr)
-            if m_s - thr > tol:
-                b_ns[t] = -2  # the sinks alone reach the target: k = |S|
-            elif thr - m_s <= tol:
-                b_ns[t] = -2
-                bad = True
-            else:
-                b_ns[t] = _search_ns(cm, nb, thr - m_s, e, bins, s0)
-            if b_all[t] > nb or b_ns[t] > nb:
-                bad = True
-        for t in range(n_bud):
-            bb = min(budgets[t], cnt)
-            b_bd[t] = -1
-            if bb < cnt:
-                lo = 0
-                hi = nb + 1
-                while lo < hi:  # first bin with cc[b + 1] >= bb
-                    mid = (lo + hi) // 2
-                    if cc[mid + 1] >= bb:
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                b_bd[t] = lo
-        if bad:
-            redo[i] = True
-            continue
-        # gather the keys of the boundary bins, one contiguous segment per bin
-        n_seg = 0
-        seg_off[0] = 0
-        for t in range(2 * n_eps + n_bud):
-            if t < n_eps:
+                k = slot[bins[j]]
+                if k >= 0:
+                    gv[seg_pos[k]] = e[j]
+                    seg_pos[k] += 1
+            for k in range(n_seg):
+                _sort_small(gv, seg_off[k], seg_off[k + 1])
+            ok_all = True
+            for t in range(n_eps):
+                thr = (1.0 - eps[t]) * z
                 b = b_all[t]
-            elif t < 2 * n_eps:
-                b = b_ns[t - n_eps]
-            else:
-                b = b_bd[t - 2 * n_eps]
-                if b >= nb:
-                    b = -1  # the overflow bin is bounded, not resolved (below)
-            if b >= 0 and slot[b] < 0:
-                slot[b] = n_seg
-                seg_bin[n_seg] = b
-                seg_pos[n_seg] = seg_off[n_seg]
-                seg_off[n_seg + 1] = seg_off[n_seg] + hc[b]
-                n_seg += 1
-        for j in range(ln):
-            k = slot[bins[j]]
-            if k >= 0:
-                gv[seg_pos[k]] = e[j]
-                seg_pos[k] += 1
-        for k in range(n_seg):
-            _sort_small(gv, seg_off[k], seg_off[k + 1])
-        ok_all = True
-        for t in range(n_eps):
-            thr = (1.0 - eps[t]) * z
-            b = b_all[t]
-            k = slot[b]
-            c, ok = _count_in_bin(gv[seg_off[k] : seg_off[k + 1]], cm[b], thr, tol, skip, 0, used)
-            k_all[i, t] = min(cc[b] + c, cnt)
-            ok_all = ok_all and ok
-            if b_ns[t] == -2:
-                k_ns[i, t] = n_s
-                continue
-            b = b_ns[t]
-            k = slot[b]
-            m_below, c_below = _sinks_below(e, bins, s0, b)
-            n_skip = 0
-            for j in range(s0):
-                if bins[j] == b:
-                    skip[n_skip] = e[j]
-                    n_skip += 1
-            c, ok = _count_in_bin(gv[seg_off[k] : seg_off[k + 1]], m_s + cm[b] - m_below, thr,
-                                  tol, skip, n_skip, used)
-            k_ns[i, t] = n_s + min(cc[b] - c_below + c, cnt - n_s)
-            ok_all = ok_all and ok
-        for t in range(n_bud):
-            b = b_bd[t]
-            if b < 0:
-                tail[i, t] = 0.0
-                continue
-            need = min(budgets[t], cnt) - cc[b]
-            if b >= nb:
-                # overflow bin: all its keys lie more than dcap nats below the max, together
-                # < n e^-(ln n + 16) = 1.1e-7 of the mass; take the mean share
-                top = cm[b] + hm[b] * need / max(hc[b], 1)
-            else:
                 k = slot[b]
-                top = cm[b]
-                for u in range(seg_off[k + 1] - 1, seg_off[k + 1] - 1 - need, -1):
-                    top += gv[u]
-            tail[i, t] = max(1.0 - top / z, 0.0)
-        for k in range(n_seg):
-            slot[seg_bin[k]] = -1
-        redo[i] = not ok_all
+                c, ok = _count_in_bin(gv[seg_off[k] : seg_off[k + 1]], cm[b], thr, tol, skip, 0, used)
+                k_all[i, t] = min(cc[b] + c, cnt)
+                ok_all = ok_all and ok
+                if b_ns[t] == -2:
+                    k_ns[i, t] = n_s
+                    continue
+                b = b_ns[t]
+                k = slot[b]
+                m_below, c_below = _sinks_below(e, bins, s0, b)
+                n_skip = 0
+                for j in range(s0):
+                    if bins[j] == b:
+                        skip[n_skip] = e[j]
+                        n_skip += 1
+                c, ok = _count_in_bin(gv[seg_off[k] : seg_off[k + 1]], m_s + cm[b] - m_below, thr,
+                                      tol, skip, n_skip, used)
+                k_ns[i, t] = n_s + min(cc[b] - c_below + c, cnt - n_s)
+                ok_all = ok_all and ok
+            for t in range(n_bud):
+                b = b_bd[t]
+                if b < 0:
+                    tail[i, t] = 0.0
+                    continue
+                need = min(budgets[t], cnt) - cc[b]
+                if b >= nb:
+                    # overflow bin: all its keys lie more than dcap nats below the max, together
+                    # < n e^-(ln n + 16) = 1.1e-7 of the mass; take the mean share
+                    top = cm[b] + hm[b] * need / max(hc[b], 1)
+                else:
+                    k = slot[b]
+                    top = cm[b]
+                    for u in range(seg_off[k + 1] - 1, seg_off[k + 1] - 1 - need, -1):
+                        top += gv[u]
+                tail[i, t] = max(1.0 - top / z, 0.0)
+            for k in range(n_seg):
+                slot[seg_bin[k]] = -1
+            redo[i] = not ok_all
+
+    return _rows
+
+
+_rows = _compile(_sources_digest())
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -405,3 +406,42 @@ def test_cpu_kernel_uses_512_bit_vectors_on_avx512_hosts() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
+    """numba caches the kernel keyed on rows_cpu.py's time stamp only; the stages it inlines
+    live in rows_cpu_stages.py (and num_bins in rows.py). A change there alone must recompile
+    the kernel, not load stale machine code. Fresh processes on a copy of the package: the
+    first compiles, an unchanged second loads the cache, and after an edit of
+    rows_cpu_stages.py only, the third must miss the cache and still be exact."""
+    import shutil
+
+    pkg = Path(__file__).resolve().parents[1] / "attn_audit"
+    copy = tmp_path / "attn_audit"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import torch\n"
+        "from attn_audit.rows import RowSpec, reference_row_metrics, row_metrics\n"
+        "from attn_audit.rows_cpu import _rows\n"
+        "s = torch.randn(2, 40, 300, generator=torch.Generator().manual_seed(0)) * 3\n"
+        "q = torch.arange(260, 300)\n"
+        "spec = RowSpec(eps=(0.05,), budgets=(16,))\n"
+        "got, ref = row_metrics(s, q, spec), reference_row_metrics(s, q, spec)\n"
+        "assert torch.equal(got.k_eps, ref.k_eps)\n"
+        "print(sum(_rows.stats.cache_hits.values()), sum(_rows.stats.cache_misses.values()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run() -> tuple[int, int]:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        hits, misses = proc.stdout.split()
+        return int(hits), int(misses)
+
+    assert run() == (0, 1)  # compiled
+    assert run() == (1, 0)  # loaded from the cache
+    stages = copy / "rows_cpu_stages.py"
+    stages.write_text(stages.read_text() + "\n# an edit of the stages alone\n")
+    assert run() == (0, 1)  # recompiled, not the stale code
