@@ -13,12 +13,18 @@ Each length gets the same token budget (``--tokens``, default 8192: 8 x 1024, 2 
 row kernel is compiled by numba on first use and cached on disk; a tiny warm-up call before the
 timed audit keeps that one-time compilation (reported as ``jit_s``) out of the ratio.
 
+``--floor`` also measures a lower bound for any exact engine: the capture again with the row
+kernel replaced by a softmax that only writes each row's weights and normaliser (what the
+layer output needs anyway, one fused numba pass), plus the same statistics:
+``floor_ratio = (floor_capture_s + statistics_s) / forward_s``. No exact k_eps can cost less
+than that softmax, so a target below ``floor_ratio`` cannot be met by a faster kernel alone.
+
 ``added_rss_mb`` is the process's peak RSS during the audit minus its RSS with the model loaded
 and its weights paged in (after a forward, freed heap returned to the OS). ``--flat`` also runs 8 and 64 sequences at one length and prints the
 two peak RSS figures (the result is streamed, so they should agree within 10%).
 
 Usage: .venv/bin/python benchmarks/bench_audit.py [--lengths 1024,4096] [--tokens 8192]
-       [--flat 1024] [--device cpu]
+       [--flat 1024] [--floor] [--device cpu]
 """
 
 from __future__ import annotations
@@ -52,7 +58,57 @@ def _reset_peak() -> None:
         pass
 
 
-def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward: bool = False) -> dict:
+def _softmax_floor():  # type: ignore[no-untyped-def]
+    """A stand-in for ``row_metrics`` that computes only each row's softmax weights
+    exp(s - max) (into ``weights_out``) and their sum: one fused pass, rows in parallel.
+    The other fields are filled with valid placeholders so the accumulator runs unchanged."""
+    import numba
+    import numpy as np
+    import torch
+
+    from attn_audit.rows import RowMetrics
+    from attn_audit.rows_cpu_stages import _exp_neg
+
+    @numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
+    def softmax_rows(x, q_pos, per_head, causal, w, mass, n_keys):  # type: ignore[no-untyped-def]
+        for i in numba.prange(x.shape[0]):
+            ln = min(x.shape[1], q_pos[i % per_head] + 1) if causal else x.shape[1]
+            mx = -np.inf
+            for j in range(ln):
+                mx = max(mx, x[i, j])
+            z = 0.0
+            c = 0
+            for j in range(ln):
+                v = x[i, j]
+                ev = _exp_neg(max(np.float64(v) - mx, -300.0)) if v > -np.inf else 0.0
+                w[i, j] = ev
+                z += ev
+                c += 1 if v > -np.inf else 0
+            w[i, ln:] = 0.0
+            mass[i] = z
+            n_keys[i] = c
+
+    def row_metrics(scores, q_pos, spec, weights_out=None, causal=False, **_):  # type: ignore[no-untyped-def]
+        g, r, n = scores.shape
+        mass = np.empty(g * r)
+        n_keys = np.empty(g * r, np.int64)
+        w = weights_out if weights_out is not None else torch.empty(g, r, n)
+        softmax_rows(scores.reshape(g * r, n).numpy(), q_pos.numpy(), r, causal, w.view(g * r, n).numpy(),
+                     mass, n_keys)
+        nk = torch.from_numpy(n_keys).view(g, r)
+        one, zero = torch.ones(g, r, dtype=torch.float64), torch.zeros(g, r, dtype=torch.float64)
+        k = nk[..., None].expand(g, r, len(spec.eps)).contiguous()
+        return RowMetrics(n_keys=nk, k_eps=k, k_eps_sinks=k.clone(),
+                          tail_mass=torch.zeros(g, r, len(spec.budgets), dtype=torch.float64),
+                          participation=one, entropy=zero, sink_mass=zero, local_mass=zero,
+                          bulk_mass=one, bulk_mean=zero, bulk_std=one, max_score=zero, max_abs_score=one,
+                          n_bulk=nk, mass=torch.from_numpy(mass).view(g, r))
+
+    return row_metrics
+
+
+def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward: bool = False,
+        floor: bool = False) -> dict:
     import torch
 
     from attn_audit.api import NullProgress, audit
@@ -106,6 +162,19 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
     # the ratio uses their mean (both are printed)
     fwd_after = float("nan") if skip_forward else forward_s()
     fwd = (fwd_before + fwd_after) / 2
+    floor_s = float("nan")
+    if floor:
+        import attn_audit.accumulate as accumulate
+        from attn_audit.api import capture_length
+
+        real, accumulate.row_metrics = accumulate.row_metrics, _softmax_floor()
+        try:
+            accumulate.row_metrics(torch.randn(1, 4, 8), torch.arange(4) + 4, cfg)  # compile
+            t0 = time.perf_counter()
+            capture_length(lm.model, lm.info, td, cfg, 0, NullProgress())
+            floor_s = time.perf_counter() - t0
+        finally:
+            accumulate.row_metrics = real
     return {
         "seq_len": seq_len,
         "sequences": sequences,
@@ -122,6 +191,8 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
         "rss_loaded_mb": round(rss_loaded, 1),
         "peak_rss_mb": round(peak, 1),
         "added_rss_mb": round(peak - rss_loaded, 1),
+        "floor_capture_s": round(floor_s, 3) if floor else None,
+        "floor_ratio": round((floor_s + res.run["statistics_s"]) / fwd, 3) if floor and fwd == fwd else None,
         "jit_s": round(jit, 2),
         "threads": torch.get_num_threads(),
         "device": device,
@@ -135,11 +206,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--flat", type=int, default=0, help="also compare peak RSS of 8 vs 64 sequences at this length")
+    ap.add_argument("--floor", action="store_true", help="also measure the softmax-only lower bound")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         seq_len, sequences, skip = (int(x) for x in args.child.split(":"))
-        print(json.dumps(one(seq_len, sequences, args.device, args.batch_size, bool(skip))))
+        print(json.dumps(one(seq_len, sequences, args.device, args.batch_size, bool(skip), args.floor)))
         return
     runs = [(int(n), max(1, args.tokens // int(n)), 0) for n in args.lengths.split(",") if n]
     if args.flat:
@@ -147,7 +219,8 @@ def main() -> None:
     for seq_len, sequences, skip in runs:
         # a fresh process per measurement, so peak RSS is that run's own
         out = subprocess.run([sys.executable, __file__, "--child", f"{seq_len}:{sequences}:{skip}",
-                              "--device", args.device, "--batch-size", str(args.batch_size)],
+                              "--device", args.device, "--batch-size", str(args.batch_size)]
+                             + (["--floor"] if args.floor and not skip else []),
                              capture_output=True, text=True, check=True)
         rec = json.loads(out.stdout.strip().splitlines()[-1])
         print(" ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
