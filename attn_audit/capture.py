@@ -96,8 +96,6 @@ def _capture_attention(
     if replaced is not None:  # a consumer (verification) computed the output itself
         return replaced, None
     if softcap:
-        from transformers.integrations.sdpa_attention import repeat_kv  # noqa: F401
-
         return _eager(module, call, dropout)
     fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
     return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

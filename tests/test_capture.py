@@ -173,3 +173,23 @@ def test_scores_into_a_reused_buffer_are_the_same_bits(scaling):
     assert torch.isinf(fresh[..., 0, 9:]).all() and torch.isfinite(fresh[..., 0, :9]).all()  # row 8
     with pytest.raises(ValueError, match="out must be"):
         scores(call, rows, 24, out=torch.empty(2, 6, 16, 23))
+
+
+def test_softcapped_logits_and_eager_output():
+    """With a soft-cap (Gemma-2 style), the scores are cap * tanh(s / cap) and the capture
+    computes the layer output itself (eager): check both against the formula."""
+    from attn_audit.capture import AttentionCall, _eager, scores
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 12, 8, generator=g) * 3 for h in (4, 2, 2))
+    call = AttentionCall(layer=0, query=q, key=k, value=v, attention_mask=None, scaling=0.3,
+                         softcap=2.0, sliding_window=None, is_causal=True)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    raw = q @ kk.transpose(-1, -2) * 0.3
+    want = (torch.tanh(raw / 2.0) * 2.0).masked_fill(torch.ones(12, 12).triu(1).bool(), float("-inf"))
+    got = scores(call)
+    assert got.max() <= 2.0 and raw.max() > 2.0  # the cap binds
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    out, probs = _eager(None, call, 0.0)
+    torch.testing.assert_close(out, (torch.softmax(want, -1) @ vv).transpose(1, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4, 12))
