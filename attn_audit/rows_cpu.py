@@ -65,11 +65,11 @@ N_FLT = len(FLT_NAMES)
 
 def _sources_digest() -> int:
     """A digest of the other source files whose functions the kernel inlines
-    (:mod:`attn_audit.rows_cpu_stages`, and :func:`attn_audit.rows.num_bins` in rows.py)."""
-    from attn_audit import rows, rows_cpu_stages
+    (:mod:`attn_audit.rows_cpu_stages`, and :func:`attn_audit.rows_spec.num_bins`)."""
+    from attn_audit import rows_cpu_stages, rows_spec
 
     h = hashlib.sha256()
-    for mod in (rows_cpu_stages, rows):
+    for mod in (rows_cpu_stages, rows_spec):
         h.update(Path(mod.__file__).read_bytes())
     return int(h.hexdigest()[:15], 16)
 
@@ -330,7 +330,7 @@ def rows_kernel(
     ``causal``: keys j > q_pos of the row are disallowed whatever x holds (no need to mask them).
     """
     rows, n = x.shape
-    from attn_audit.rows import bin_span_cap, num_bins
+    from attn_audit.rows_spec import bin_span_cap, num_bins
 
     nb = num_bins(n)
     dcap = bin_span_cap(n)

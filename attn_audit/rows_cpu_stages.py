@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from attn_audit.rows import num_bins
+from attn_audit.rows_spec import num_bins
 
 
 def _prefer_wide_vectors() -> None:

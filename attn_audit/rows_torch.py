@@ -38,14 +38,9 @@ from __future__ import annotations
 
 import torch
 
-from attn_audit.rows import (
-    num_bins as _num_bins,
-    RowMetrics,
-    RowSpec,
-    _check_inputs,
-    _exact_sorted,
-    _finish_regions,
-)
+from attn_audit.rows_reference import _exact_sorted, _finish_regions
+from attn_audit.rows_spec import RowMetrics, RowSpec, _check_inputs
+from attn_audit.rows_spec import num_bins as _num_bins
 from attn_audit.rows_torch_select import (
     _bin_bounds,
     _locate,

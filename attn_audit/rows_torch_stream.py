@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from attn_audit.rows import bin_span_cap as _dcap
+from attn_audit.rows_spec import bin_span_cap as _dcap
 
 _CLAMP = -300.0
 """Floor of the exp() argument: e^-300 and its square are normal float64 numbers, which

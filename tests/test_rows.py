@@ -411,7 +411,7 @@ def test_cpu_kernel_uses_512_bit_vectors_on_avx512_hosts() -> None:
 @pytest.mark.slow
 def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
     """numba caches the kernel keyed on rows_cpu.py's time stamp only; the stages it inlines
-    live in rows_cpu_stages.py (and num_bins in rows.py). A change there alone must recompile
+    live in rows_cpu_stages.py (and num_bins in rows_spec.py). A change there alone must recompile
     the kernel, not load stale machine code. Fresh processes on a copy of the package: the
     first compiles, an unchanged second loads the cache, and after an edit of
     rows_cpu_stages.py only, the third must miss the cache and still be exact."""
