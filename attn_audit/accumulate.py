@@ -5,8 +5,9 @@ for bootstrap intervals). The per-row work (scores of one block of query rows, e
 :mod:`attn_audit.rows`) stays on the model's device; only small aggregates and the bounded
 reservoir samples move to the CPU.
 
-Q/K vectors (for Gaussianity) and per-row features (for the theory comparison) are kept in
-bounded, deterministic, mergeable samples (:mod:`attn_audit.reservoir`).
+The row metrics go into running totals (:mod:`attn_audit.row_totals`); Q/K vectors (for
+Gaussianity) and per-row features (for the theory comparison) are kept in bounded,
+deterministic, mergeable samples (:mod:`attn_audit.reservoir`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from attn_audit.capture import AttentionCall, scores
 from attn_audit.reservoir import Reservoir, priorities
+from attn_audit.row_totals import RowTotals
 from attn_audit.rows import RowMetrics, RowSpec, row_metrics
 
 
@@ -56,22 +58,10 @@ class Accumulator:
         E, B = len(cfg.eps), len(cfg.budgets)
         self.spec = RowSpec(eps=tuple(cfg.eps), budgets=tuple(cfg.budgets), sinks=cfg.sinks, window=cfg.window)
         L, H = self.L, self.H
-        self.k_hist = torch.zeros(L, H, E, seq_len + 1, dtype=torch.int64)
-        self.nbins = max(1, int(math.floor(math.log2(seq_len))) + 1)
-        self.pos_k = np.zeros((L, H, E, self.nbins))
-        self.pos_kfrac = np.zeros((L, H, E, self.nbins))
-        self.pos_rows = np.zeros((L, H, self.nbins), dtype=np.int64)
-        self.seq_k = np.zeros((num_sequences, L, H, E))
-        self.seq_kfrac = np.zeros((num_sequences, L, H, E))
-        self.seq_ksink = np.zeros((num_sequences, L, H, E))
-        self.seq_rows = np.zeros((num_sequences, L, H), dtype=np.int64)
-        self.tail = np.zeros((L, H, B))
-        self.sums = {name: np.zeros((L, H)) for name in ("entropy", "participation", "sink_mass", "local_mass", "bulk_mass")}
-        self.max_abs_score = np.full((L, H), -np.inf)
+        self.totals = RowTotals(L, H, seq_len, num_sequences, E, B, cfg.min_keys)
         self.max_q_norm = np.zeros((L, H))
         self.max_k_norm = np.zeros((L, self.Hkv))
         self.scale = np.zeros(L)
-        self.nonfinite_rows = np.zeros((L, H), dtype=np.int64)
         self.head_dim = int(info["head_dim"])
         # attention-input norms ||x|| (after the pre-norm): running max and a log-spaced histogram
         self.x_norm_edges = torch.logspace(-3, 5, 1025, dtype=torch.float64)
@@ -186,7 +176,7 @@ class Accumulator:
         seq_bad = k_bad.any(-1).repeat_interleave(self.H // self.Hkv, dim=1)  # (batch, head)
         rows = self.batch_rows.to(q.device)
         m, out = self._measure(call, rows, mask)
-        feats = self._fold(layer, m, rows, mask, q_bad, seq_bad)
+        feats = self.totals.fold(layer, m, rows, mask, q_bad, seq_bad, self.seq_start)
         self.rows.update(layer, feats[self._row_sel[0], :, self._row_sel[1]])
         if out is None:
             return None
@@ -287,76 +277,13 @@ class Accumulator:
         merged = chunk if have is None else torch.cat([have, chunk], dim=1)
         self.row_logits[layer] = merged[:, : self.ROW_LOGITS_CAP]
 
-    def _fold(self, layer: int, m: Any, blk: torch.Tensor, mask: torch.Tensor, q_bad: torch.Tensor,
-              seq_bad: torch.Tensor) -> torch.Tensor:
-        """Add one block's row metrics; return per-row features (batch, head, R, F) for the row reservoir."""
-        H, E = self.H, len(self.cfg.eps)
-        b = mask.shape[0]
-        R = len(blk)
-        n = m.n_keys.view(b, H, R)
-        k_eps = m.k_eps.view(b, H, R, E)
-        ok_q = mask[:, blk][:, None, :] & ~q_bad[:, :, blk] & ~seq_bad[:, :, None]
-        finite = torch.isfinite(m.max_abs_score.view(b, H, R)) & torch.isfinite(m.entropy.view(b, H, R))
-        allowed = mask[:, blk][:, None, :] & (n >= max(self.cfg.min_keys, 1))
-        valid = allowed & ok_q & finite
-        self.nonfinite_rows[layer] += (allowed & ~(ok_q & finite)).sum(dim=(0, 2)).cpu().numpy()
-        vf = valid.double()
-        nd = n.double().clamp(min=1)
-        kfrac = k_eps.double() / nd[..., None]
-        # exact distribution of k_eps: histogram over integers 0..seq_len
-        kk = k_eps.clamp(0, self.seq_len).long()
-        h_idx = torch.arange(H, device=kk.device).view(1, H, 1, 1)
-        e_idx = torch.arange(E, device=kk.device).view(1, 1, 1, E)
-        flat = ((h_idx * E + e_idx) * (self.seq_len + 1) + kk)[valid]
-        self.k_hist[layer] += torch.bincount(flat.flatten(), minlength=H * E * (self.seq_len + 1)).view(
-            H, E, self.seq_len + 1
-        ).cpu()
-        vE = vf[..., None]
-        sl = slice(self.seq_start, self.seq_start + b)
-        self.seq_k[sl, layer] += (k_eps.double() * vE).sum(2).cpu().numpy()
-        self.seq_kfrac[sl, layer] += (kfrac * vE).sum(2).cpu().numpy()
-        self.seq_ksink[sl, layer] += (m.k_eps_sinks.view(b, H, R, E).double() * vE).sum(2).cpu().numpy()
-        self.seq_rows[sl, layer] += valid.sum(2).cpu().numpy()
-        # by position: log2 bins of n_i
-        pbin = torch.floor(torch.log2(nd)).long().clamp(0, self.nbins - 1)  # (b, H, R)
-        hb = (torch.arange(H, device=pbin.device).view(1, H, 1) * self.nbins + pbin)[valid]  # valid rows
-        self.pos_rows[layer] += torch.bincount(hb, minlength=H * self.nbins).view(H, self.nbins).cpu().numpy()
-        heb = (hb[:, None] // self.nbins * E + e_idx.view(1, E)) * self.nbins + (hb % self.nbins)[:, None]
-        for acc, val in ((self.pos_k, k_eps.double()[valid]), (self.pos_kfrac, kfrac[valid])):
-            acc[layer] += torch.bincount(heb.flatten(), weights=val.flatten(),
-                                         minlength=H * E * self.nbins).view(H, E, self.nbins).cpu().numpy()
-        nb = len(self.cfg.budgets)
-        tail = m.tail_mass.view(b, H, R, nb).double().nan_to_num(0.0)
-        self.tail[layer] += (tail * vf[..., None]).sum(dim=(0, 2)).cpu().numpy()
-        for name in self.sums:
-            val = getattr(m, name).view(b, H, R).double().nan_to_num(0.0)
-            self.sums[name][layer] += (val * vf).sum(dim=(0, 2)).cpu().numpy()
-        mx = m.max_abs_score.view(b, H, R).double().masked_fill(~valid, -math.inf).amax(dim=(0, 2))
-        self.max_abs_score[layer] = np.maximum(self.max_abs_score[layer], mx.cpu().numpy())
-        feats = torch.stack(
-            [
-                n.double(),
-                m.bulk_std.view(b, H, R).double(),
-                m.bulk_mass.view(b, H, R).double(),
-                m.sink_mass.view(b, H, R).double(),
-                valid.double(),
-                *[k_eps[..., e].double() for e in range(E)],
-            ],
-            dim=-1,
-        )
-        return feats
-
     # -- checkpoints ----------------------------------------------------------------------------
-    _ARRAYS = ("pos_k", "pos_kfrac", "pos_rows", "seq_k", "seq_kfrac", "seq_ksink", "seq_rows", "tail",
-               "max_abs_score", "max_q_norm", "max_k_norm", "scale", "nonfinite_rows", "x_norm_hist",
-               "x_norm_max")
+    _ARRAYS = ("max_q_norm", "max_k_norm", "scale", "x_norm_hist", "x_norm_max")
 
     def state(self) -> dict[str, np.ndarray]:
         """Everything needed to continue later, as plain numpy arrays (saved with np.savez)."""
         st: dict[str, np.ndarray] = {name: getattr(self, name) for name in self._ARRAYS}
-        st["k_hist"] = self.k_hist.numpy()
-        for name, arr in self.sums.items():
-            st[f"sums.{name}"] = arr
+        st.update(self.totals.state())
         st["layers_seen"] = np.array(sorted(self.layers_seen), dtype=np.int64)
         for layer, t in self.row_logits.items():
             st[f"row_logits.{layer}"] = t.numpy()
@@ -368,9 +295,7 @@ class Accumulator:
         """Restore :meth:`state` (from the same configuration)."""
         for name in self._ARRAYS:
             getattr(self, name)[...] = st[name]
-        self.k_hist = torch.from_numpy(np.array(st["k_hist"]))
-        for name in self.sums:
-            self.sums[name][...] = st[f"sums.{name}"]
+        self.totals.load_state(st)
         self.layers_seen = set(int(x) for x in st["layers_seen"])
         self.row_logits = {int(k.split(".")[1]): torch.from_numpy(np.array(v))
                            for k, v in st.items() if k.startswith("row_logits.")}
@@ -383,16 +308,11 @@ class Accumulator:
         Counts, sums and histograms add, maxima take the max, reservoirs keep the smallest
         priorities of the union (so the sample equals the one a single process would keep).
         """
-        add = ("pos_k", "pos_kfrac", "pos_rows", "seq_k", "seq_kfrac", "seq_ksink", "seq_rows", "tail",
-               "nonfinite_rows", "x_norm_hist")
-        for name in add:
-            getattr(self, name)[...] += other[name]
-        for name in ("max_abs_score", "max_q_norm", "max_k_norm", "scale", "x_norm_max"):
+        self.totals.merge_state(other)
+        self.x_norm_hist += other["x_norm_hist"]
+        for name in ("max_q_norm", "max_k_norm", "scale", "x_norm_max"):
             arr = getattr(self, name)
             arr[...] = np.maximum(arr, other[name])
-        self.k_hist += torch.from_numpy(np.array(other["k_hist"]))
-        for name in self.sums:
-            self.sums[name] += other[f"sums.{name}"]
         self.layers_seen |= set(int(x) for x in other["layers_seen"])
         for k, v in other.items():  # ranks hold consecutive sequence blocks: append in rank order
             if k.startswith("row_logits."):
@@ -414,23 +334,24 @@ class Accumulator:
             for site in ("q_pre", "k_pre")
         }
         rows = {l: self.rows.data[l].numpy() for l in range(self.L) if l in self.rows.data}
+        t = self.totals
         return {
             "seq_len": self.seq_len,
-            "k_hist": self.k_hist.numpy(),
-            "pos_k": self.pos_k,
-            "pos_kfrac": self.pos_kfrac,
-            "pos_rows": self.pos_rows,
-            "seq_k": self.seq_k,
-            "seq_kfrac": self.seq_kfrac,
-            "seq_ksink": self.seq_ksink,
-            "seq_rows": self.seq_rows,
-            "tail": self.tail,
-            "sums": self.sums,
-            "max_abs_score": self.max_abs_score,
+            "k_hist": t.k_hist.numpy(),
+            "pos_k": t.pos_k,
+            "pos_kfrac": t.pos_kfrac,
+            "pos_rows": t.pos_rows,
+            "seq_k": t.seq_k,
+            "seq_kfrac": t.seq_kfrac,
+            "seq_ksink": t.seq_ksink,
+            "seq_rows": t.seq_rows,
+            "tail": t.tail,
+            "sums": t.sums,
+            "max_abs_score": t.max_abs_score,
             "max_q_norm": self.max_q_norm,
             "max_k_norm": self.max_k_norm,
             "scale": self.scale,
-            "nonfinite_rows": self.nonfinite_rows,
+            "nonfinite_rows": t.nonfinite_rows,
             "samples_q": samples_q,
             "samples_k": samples_k,
             "samples_q_pre": pre["q_pre"],
