@@ -95,6 +95,9 @@ def _compile(sources_digest: int):  # type: ignore[no-untyped-def]
         any); with write_w, w_out[i] (rows, n) receives those weights (0 on masked keys).
         """
         _ = sources_digest  # a closure variable: part of numba's cache key (see _compile)
+        # The per-target steps below stay written out in this loop: moved into stage functions
+        # (boundaries, gather, exact counts, tails; with or without numba's inline="always")
+        # they gave the same results ~5-7% slower on real SmolLM2 scores (A/B, 15-25 reps).
         n = x.shape[1]
         n_eps = eps.shape[0]
         n_bud = budgets.shape[0]
