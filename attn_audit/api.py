@@ -211,7 +211,6 @@ def audit(
         held_out=held,
         records=("text", texts) if texts is not None else None,
     )
-    spec_text = spec.spec
     pad_id = _pad_id(tokenizer)
     if checkpoint is not None:
         from dataclasses import asdict
@@ -231,9 +230,37 @@ def audit(
     elapsed = time.perf_counter() - t0
     from attn_audit.assemble import assemble
 
+    run = _run_block(config, info, model, summaries, all_data, spec, elapsed)
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "attn-audit", "version": __version__},
+        "model": info,
+        "run": run,
+    }
+    from attn_audit.hooks import projection_weights
+
+    w = projection_weights(model, info["family"])
+    weights = [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w] if w else None
+    if weights is not None:
+        run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
+    t1 = time.perf_counter()
+    result = assemble(data, summaries, config, weights=weights)
+    result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
+    if config.verify:
+        from attn_audit.verify import verify_plan
+
+        verify_plan(model, result, all_data[-1].held_out, config, pad_id)
+    return result
+
+
+def _run_block(config: AuditConfig, info: dict[str, Any], model: Any, summaries: dict[int, dict[str, Any]],
+               all_data: list[TokenData], spec: DataSpec, elapsed: float) -> dict[str, Any]:
+    """The ``run`` block of audit.json: the configuration, the rows and sites measured, the
+    dataset and the capture's timing."""
+    spec_text = spec.spec
     primary = max(summaries)
     tokens = sum(sum(len(s) for s in td.sequences) for td in all_data)
-    run = {
+    return {
         "seq_len": primary,
         "seq_lens": list(config.seq_lens),
         "num_sequences": len(all_data[-1].sequences),
@@ -270,26 +297,6 @@ def audit(
         "nonfinite_rows": int(sum(s["nonfinite_rows"].sum() for s in summaries.values())),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    data = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "attn-audit", "version": __version__},
-        "model": info,
-        "run": run,
-    }
-    from attn_audit.hooks import projection_weights
-
-    w = projection_weights(model, info["family"])
-    weights = [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w] if w else None
-    if weights is not None:
-        run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
-    t1 = time.perf_counter()
-    result = assemble(data, summaries, config, weights=weights)
-    result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
-    if config.verify:
-        from attn_audit.verify import verify_plan
-
-        verify_plan(model, result, all_data[-1].held_out, config, pad_id)
-    return result
 
 
 def _data_spec(dataset: DataSpec | str | Sequence[str] | None) -> tuple[DataSpec, list[str] | None]:
