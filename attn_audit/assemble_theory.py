@@ -19,6 +19,101 @@ _PREDICTION_NOTE = ("k_pred: plain large-n formula n*Phi_c(sigma + Phi^-1(eps));
                     "upper bound up to the Gaussian approximation (theory.md §5.3); sigma = std of the bulk logits")
 
 
+def _bulk_rows(features: np.ndarray, col: dict[str, int]) -> np.ndarray:
+    """The (rows,) mask of one head's rows with a bulk of keys: valid, finite bulk std, n_keys >= 2.
+
+    Args:
+        features: (rows, F) row features of one head.
+    """
+    sigma = features[:, col["bulk_std"]]
+    return (features[:, col["valid"]] > 0) & np.isfinite(sigma) & (features[:, col["n_keys"]] >= 2)
+
+
+def _new_block(rows: int) -> dict[str, Any]:
+    """An empty theory block for ``rows`` usable rows, marked skipped when there are fewer than 8."""
+    out: dict[str, Any] = {"rows": rows, "k_pred": {}, "k_pred_finite_n": {}, "k_measured_mean": {},
+                           "log_ratio_median": {}, "log_ratio_iqr": {}, "spearman": {}}
+    if rows < 8:
+        out["skipped_reason"] = "fewer than 8 sampled rows with a bulk of keys"
+    return out
+
+
+def _subsample(count: int, seed: int) -> np.ndarray | None:
+    """Sorted (_THEORY_ROWS,) indices of the rows kept out of ``count``; None when all are kept.
+
+    The Monte Carlo prediction needs no more rows than ``_THEORY_ROWS``.
+    """
+    if count <= _THEORY_ROWS:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(count, _THEORY_ROWS, replace=False))
+
+
+def _round_n(n: np.ndarray) -> np.ndarray:
+    """The key counts ``n`` rounded to 4 steps per octave (at least 2), same shape as ``n``.
+
+    The finite-n Monte Carlo runs on this grid and is rescaled to n (kappa = k/n varies slowly
+    in n), so a head costs a few distinct n, not hundreds.
+    """
+    step = np.maximum(1.0, 2.0 ** (np.floor(np.log2(n)) - 2))
+    return np.maximum(2.0, np.round(n / step) * step)
+
+
+def _k_grid(n_grid: np.ndarray, sigma: np.ndarray, eps_keys: list[str],
+            rng: np.random.Generator | int) -> np.ndarray:
+    """Finite-n Monte Carlo k of each row at every eps, shape (rows, len(eps_keys)).
+
+    One call serves every eps (the same simulated rows are reused).
+
+    Args:
+        n_grid: (rows,) key counts rounded by :func:`_round_n`.
+        sigma: (rows,) bulk logit stds.
+        rng: the Monte Carlo generator or its seed.
+    """
+    from attn_audit.finite_n import k_pred_finite_n
+
+    eps_arr = np.array([float(e) for e in eps_keys])
+    return np.asarray(k_pred_finite_n(n_grid[:, None], sigma[:, None], eps_arr[None, :], rng=rng,
+                                      sigma_step=0.02), dtype=float)
+
+
+def _predictions(n: np.ndarray, n_grid: np.ndarray, sigma: np.ndarray, m_b: np.ndarray, k_grid_e: np.ndarray,
+                 eps: float, sinks: int, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain, finite-n and sink-aware predicted k at one eps: (k_hat, k_fin, k_sink).
+
+    All arrays share one shape, (rows,) for one head or (heads, rows) for a stack of heads;
+    ``k_grid_e`` is the Monte Carlo k on ``n_grid`` at this eps, rescaled here to ``n``.
+    """
+    from attn_audit.predict import k_pred_plain, k_pred_sink_aware
+
+    k_hat = np.maximum(k_pred_plain(n, sigma, eps), 1.0)
+    k_fin = np.maximum(np.minimum(k_grid_e * n / n_grid, n), 1.0)
+    # sink- and local-aware: keep S and L whole, the bulk may lose eps / m_B of its own mass
+    n_sl = np.minimum(n, sinks + window)
+    k_sink = np.asarray(k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
+    return k_hat, k_fin, k_sink
+
+
+def _add_eps_stats(out: dict[str, Any], e_key: str, k_meas: np.ndarray, k_hat: np.ndarray,
+                   k_fin: np.ndarray, k_sink: np.ndarray) -> None:
+    """Write one head's statistics at eps ``e_key`` into its block ``out``; the arrays are (rows,)."""
+    from attn_audit.rank_correlation import average_ranks
+
+    out.setdefault("k_pred_sink_aware", {})[e_key] = float(np.nanmean(k_sink))
+    out.setdefault("sink_aware_covers_share", {})[e_key] = float(np.mean(k_meas <= np.ceil(k_sink) + 1e-9))
+    ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
+    out["k_pred"][e_key] = float(np.mean(k_hat))
+    out["k_pred_finite_n"][e_key] = float(np.mean(k_fin))
+    out["k_measured_mean"][e_key] = float(np.mean(k_meas))
+    out["log_ratio_median"][e_key] = float(np.median(ratio))
+    q75, q25 = np.percentile(ratio, [75, 25])
+    out["log_ratio_iqr"][e_key] = float(q75 - q25)
+    if np.ptp(k_meas) > 0 and np.ptp(k_fin) > 0:
+        # scipy.stats.spearmanr(k_meas, k_fin).statistic, by its own steps (average ranks,
+        # then np.corrcoef of the (rows, 2) ranks) without importing scipy.stats
+        ranked = np.column_stack((average_ranks(k_meas), average_ranks(k_fin)))
+        out["spearman"][e_key] = float(np.corrcoef(ranked, rowvar=False)[1, 0])
+
+
 def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], seed: int,
                  sinks: int = 1, window: int = 64) -> dict[str, Any]:
     """Predicted vs measured k_eps over the sampled rows of one head.
@@ -26,63 +121,130 @@ def theory_block(features: np.ndarray, names: list[str], eps_keys: list[str], se
     Args:
         features: (rows, F) row features (see ``Accumulator.summary()['row_feature_names']``).
     """
-    from attn_audit.finite_n import k_pred_finite_n
-    from attn_audit.predict import k_pred_plain, k_pred_sink_aware, large_sigma_regime
-    from attn_audit.rank_correlation import average_ranks
+    from attn_audit.predict import large_sigma_regime
 
     col = {n: i for i, n in enumerate(names)}
-    valid = features[:, col["valid"]] > 0
-    sigma = features[:, col["bulk_std"]]
-    n = features[:, col["n_keys"]]
-    ok = valid & np.isfinite(sigma) & (n >= 2)
-    out: dict[str, Any] = {"rows": int(ok.sum()), "k_pred": {}, "k_pred_finite_n": {}, "k_measured_mean": {},
-                           "log_ratio_median": {}, "log_ratio_iqr": {}, "spearman": {}}
-    if ok.sum() < 8:
-        out["skipped_reason"] = "fewer than 8 sampled rows with a bulk of keys"
+    ok = _bulk_rows(features, col)
+    out = _new_block(int(ok.sum()))
+    if "skipped_reason" in out:
         return out
-    sigma, n = sigma[ok], n[ok]
-    if len(sigma) > _THEORY_ROWS:  # the Monte Carlo prediction needs no more rows than this
-        keep = np.sort(np.random.default_rng(seed).choice(len(sigma), _THEORY_ROWS, replace=False))
+    sigma, n = features[ok, col["bulk_std"]], features[ok, col["n_keys"]]
+    keep = _subsample(len(sigma), seed)
+    if keep is not None:
         features = features[ok][keep]
         sigma, n = sigma[keep], n[keep]
         ok = np.ones(len(sigma), dtype=bool)
         out["rows"] = int(len(sigma))
     out["sigma_median"] = float(np.median(sigma))
     out["large_sigma_share"] = float(np.mean(large_sigma_regime(sigma, n)))
-    rng = np.random.default_rng(seed)
-    # The finite-n Monte Carlo runs on n rounded to 4 steps per octave and rescaled
-    # (kappa = k/n varies slowly in n), so a head costs a few distinct n, not hundreds, and
-    # one call serves every eps (the same simulated rows are reused).
-    step = np.maximum(1.0, 2.0 ** (np.floor(np.log2(n)) - 2))
-    n_grid = np.maximum(2.0, np.round(n / step) * step)
-    eps_arr = np.array([float(e) for e in eps_keys])
-    k_grid_all = np.asarray(k_pred_finite_n(n_grid[:, None], sigma[:, None], eps_arr[None, :], rng=rng,
-                                            sigma_step=0.02), dtype=float)
+    n_grid = _round_n(n)
+    k_grid_all = _k_grid(n_grid, sigma, eps_keys, np.random.default_rng(seed))
+    m_b = features[ok, col["bulk_mass"]]
     for e_idx, e_key in enumerate(eps_keys):
         eps = float(e_key)
-        k_meas = features[ok, col[f"k_eps@{eps}"]]
-        k_hat = np.maximum(k_pred_plain(n, sigma, eps), 1.0)
-        k_fin = np.maximum(np.minimum(k_grid_all[:, e_idx] * n / n_grid, n), 1.0)
-        # sink- and local-aware: keep S and L whole, the bulk may lose eps / m_B of its own mass
-        n_sl = np.minimum(n, sinks + window)
-        m_b = features[ok, col["bulk_mass"]]
-        k_sink = np.asarray(k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
-        out.setdefault("k_pred_sink_aware", {})[e_key] = float(np.nanmean(k_sink))
-        out.setdefault("sink_aware_covers_share", {})[e_key] = float(np.mean(k_meas <= np.ceil(k_sink) + 1e-9))
-        ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
-        out["k_pred"][e_key] = float(np.mean(k_hat))
-        out["k_pred_finite_n"][e_key] = float(np.mean(k_fin))
-        out["k_measured_mean"][e_key] = float(np.mean(k_meas))
-        out["log_ratio_median"][e_key] = float(np.median(ratio))
-        q75, q25 = np.percentile(ratio, [75, 25])
-        out["log_ratio_iqr"][e_key] = float(q75 - q25)
-        if np.ptp(k_meas) > 0 and np.ptp(k_fin) > 0:
-            # scipy.stats.spearmanr(k_meas, k_fin).statistic, by its own steps (average ranks,
-            # then np.corrcoef of the (rows, 2) ranks) without importing scipy.stats
-            ranked = np.column_stack((average_ranks(k_meas), average_ranks(k_fin)))
-            out["spearman"][e_key] = float(np.corrcoef(ranked, rowvar=False)[1, 0])
+        k_hat, k_fin, k_sink = _predictions(n, n_grid, sigma, m_b, k_grid_all[:, e_idx], eps, sinks, window)
+        _add_eps_stats(out, e_key, features[ok, col[f"k_eps@{eps}"]], k_hat, k_fin, k_sink)
     out["prediction"] = _PREDICTION_NOTE
     return out
+
+
+def _group_by_rows(features: list[np.ndarray], col: dict[str, int],
+                   seed: int) -> tuple[list[dict[str, Any]], dict[int, list[tuple[int, np.ndarray]]]]:
+    """A new block per head, and the kept rows of the heads not skipped, grouped by row count.
+
+    Args:
+        features: per head, the (rows, F) row features.
+
+    Returns:
+        (blocks, by_rows): ``by_rows`` maps a row count to (head index, (rows, F) kept rows) pairs.
+    """
+    blocks: list[dict[str, Any]] = []
+    by_rows: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for i, feats in enumerate(features):
+        ok = _bulk_rows(feats, col)
+        out = _new_block(int(ok.sum()))
+        blocks.append(out)
+        if "skipped_reason" in out:
+            continue
+        kept = feats[ok]
+        keep = _subsample(len(kept), seed)
+        if keep is not None:
+            kept = kept[keep]
+            out["rows"] = int(len(kept))
+        by_rows.setdefault(len(kept), []).append((i, kept))
+    return blocks, by_rows
+
+
+def _stack_spearman(k_meas: np.ndarray, k_fin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head Spearman rho of ``k_meas`` vs ``k_fin`` (both (heads, rows)): (rho, has), each (heads,).
+
+    ``has`` marks the heads where both vary; rho is NaN elsewhere.
+    """
+    from attn_audit.rank_correlation import average_ranks
+
+    rho = np.full(len(k_meas), np.nan)
+    has = (np.ptp(k_meas, axis=1) > 0) & (np.ptp(k_fin, axis=1) > 0)
+    if has.any():
+        # scipy.stats.spearmanr's own steps (average ranks, then np.corrcoef of the (rows, 2) ranks)
+        ranked = np.empty((int(has.sum()), k_meas.shape[1], 2))
+        ranked[:, :, 0] = average_ranks(k_meas[has])  # = scipy.stats.rankdata(axis=1)
+        ranked[:, :, 1] = average_ranks(k_fin[has])
+        rho[has] = [np.corrcoef(r, rowvar=False)[1, 0] for r in ranked]
+    return rho, has
+
+
+def _stack_stats(st: np.ndarray, col: dict[str, int], n_grid: np.ndarray, k_grid_all: np.ndarray,
+                 eps_keys: list[str], sinks: int, window: int) -> dict[str, np.ndarray]:
+    """The statistics of a stack of heads with equal row counts, each of shape (heads,).
+
+    Args:
+        st: (heads, rows, F) kept row features.
+        n_grid: (heads, rows) key counts rounded by :func:`_round_n`.
+        k_grid_all: (heads, rows, E) Monte Carlo k on ``n_grid``, one column per eps.
+    """
+    from attn_audit.predict import large_sigma_regime
+
+    # contiguous (heads, rows) copies: each row of a reduction is then laid out like theory_block's 1-d arrays
+    sigma = np.ascontiguousarray(st[:, :, col["bulk_std"]])
+    n = np.ascontiguousarray(st[:, :, col["n_keys"]])
+    m_b = np.ascontiguousarray(st[:, :, col["bulk_mass"]])
+    stat: dict[str, np.ndarray] = {"sigma_median": np.median(sigma, axis=1),
+                                   "large_sigma_share": np.mean(large_sigma_regime(sigma, n), axis=1)}
+    for e_idx, e_key in enumerate(eps_keys):
+        eps = float(e_key)
+        k_meas = np.ascontiguousarray(st[:, :, col[f"k_eps@{eps}"]])
+        k_hat, k_fin, k_sink = _predictions(n, n_grid, sigma, m_b, k_grid_all[:, :, e_idx], eps, sinks, window)
+        ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
+        q75, q25 = np.percentile(ratio, [75, 25], axis=1)
+        stat[f"sink {e_key}"] = np.nanmean(k_sink, axis=1)
+        stat[f"covers {e_key}"] = np.mean(k_meas <= np.ceil(k_sink) + 1e-9, axis=1)
+        stat[f"k_pred {e_key}"] = np.mean(k_hat, axis=1)
+        stat[f"k_fin {e_key}"] = np.mean(k_fin, axis=1)
+        stat[f"k_meas {e_key}"] = np.mean(k_meas, axis=1)
+        stat[f"median {e_key}"] = np.median(ratio, axis=1)
+        stat[f"iqr {e_key}"] = q75 - q25
+        stat[f"rho {e_key}"], stat[f"has_rho {e_key}"] = _stack_spearman(k_meas, k_fin)
+    return stat
+
+
+def _fill_blocks(blocks: list[dict[str, Any]], ids: list[int], stat: dict[str, np.ndarray],
+                 eps_keys: list[str]) -> None:
+    """Write the (heads,) statistics ``stat`` of one stack into the blocks of its heads ``ids``."""
+    for j, i in enumerate(ids):
+        out = blocks[i]
+        out["sigma_median"] = float(stat["sigma_median"][j])
+        out["large_sigma_share"] = float(stat["large_sigma_share"][j])
+        for e_key in eps_keys:
+            out.setdefault("k_pred_sink_aware", {})[e_key] = float(stat[f"sink {e_key}"][j])
+            out.setdefault("sink_aware_covers_share", {})[e_key] = float(stat[f"covers {e_key}"][j])
+            out["k_pred"][e_key] = float(stat[f"k_pred {e_key}"][j])
+            out["k_pred_finite_n"][e_key] = float(stat[f"k_fin {e_key}"][j])
+            out["k_measured_mean"][e_key] = float(stat[f"k_meas {e_key}"][j])
+            out["log_ratio_median"][e_key] = float(stat[f"median {e_key}"][j])
+            out["log_ratio_iqr"][e_key] = float(stat[f"iqr {e_key}"][j])
+            if stat[f"has_rho {e_key}"][j]:
+                out["spearman"][e_key] = float(stat[f"rho {e_key}"][j])
+        out["prediction"] = _PREDICTION_NOTE
 
 
 def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[str], seed: int,
@@ -99,91 +261,20 @@ def theory_blocks(features: list[np.ndarray], names: list[str], eps_keys: list[s
     Returns:
         One block per head, in order.
     """
-    from attn_audit.finite_n import k_pred_finite_n
-    from attn_audit.predict import k_pred_plain, k_pred_sink_aware, large_sigma_regime
-    from attn_audit.rank_correlation import average_ranks
-
     col = {n: i for i, n in enumerate(names)}
-    blocks: list[dict[str, Any]] = []
-    by_rows: dict[int, list[tuple[int, np.ndarray]]] = {}  # row count -> (head index, kept rows)
-    for i, feats in enumerate(features):
-        sigma = feats[:, col["bulk_std"]]
-        ok = (feats[:, col["valid"]] > 0) & np.isfinite(sigma) & (feats[:, col["n_keys"]] >= 2)
-        out: dict[str, Any] = {"rows": int(ok.sum()), "k_pred": {}, "k_pred_finite_n": {}, "k_measured_mean": {},
-                               "log_ratio_median": {}, "log_ratio_iqr": {}, "spearman": {}}
-        blocks.append(out)
-        if ok.sum() < 8:
-            out["skipped_reason"] = "fewer than 8 sampled rows with a bulk of keys"
-            continue
-        kept = feats[ok]
-        if len(kept) > _THEORY_ROWS:
-            kept = kept[np.sort(np.random.default_rng(seed).choice(len(kept), _THEORY_ROWS, replace=False))]
-            out["rows"] = int(len(kept))
-        by_rows.setdefault(len(kept), []).append((i, kept))
+    blocks, by_rows = _group_by_rows(features, col, seed)
     if not by_rows:
         return blocks
     stacks = [([i for i, _ in group], np.stack([k for _, k in group])) for group in by_rows.values()]
-    n_grids = []
-    for _, st in stacks:  # (heads, rows, F); n rounded as in theory_block
-        step = np.maximum(1.0, 2.0 ** (np.floor(np.log2(st[:, :, col["n_keys"]])) - 2))
-        n_grids.append(np.maximum(2.0, np.round(st[:, :, col["n_keys"]] / step) * step))
-    eps_arr = np.array([float(e) for e in eps_keys])
+    n_grids = [_round_n(st[:, :, col["n_keys"]]) for _, st in stacks]  # (heads, rows) each
     mc_seed = int(np.random.default_rng(seed).integers(2**31))  # what theory_block's generator yields
-    n_all = np.concatenate([g.ravel() for g in n_grids])
-    sigma_all = np.concatenate([st[:, :, col["bulk_std"]].ravel() for _, st in stacks])
-    k_grid = np.asarray(k_pred_finite_n(n_all[:, None], sigma_all[:, None], eps_arr[None, :], rng=mc_seed,
-                                        sigma_step=0.02), dtype=float)
+    k_grid = _k_grid(np.concatenate([g.ravel() for g in n_grids]),
+                     np.concatenate([st[:, :, col["bulk_std"]].ravel() for _, st in stacks]), eps_keys, mc_seed)
     start = 0
     for (ids, st), n_grid in zip(stacks, n_grids, strict=True):
-        # contiguous (heads, rows) copies: each row of a reduction is then laid out like theory_block's 1-d arrays
-        sigma = np.ascontiguousarray(st[:, :, col["bulk_std"]])
-        n = np.ascontiguousarray(st[:, :, col["n_keys"]])
-        m_b = np.ascontiguousarray(st[:, :, col["bulk_mass"]])
-        k_grid_all = k_grid[start:start + n.size].reshape(*n.shape, eps_arr.size)
-        start += n.size
-        stat: dict[str, np.ndarray] = {"sigma_median": np.median(sigma, axis=1),
-                                       "large_sigma_share": np.mean(large_sigma_regime(sigma, n), axis=1)}
-        for e_idx, e_key in enumerate(eps_keys):
-            eps = float(e_key)
-            k_meas = np.ascontiguousarray(st[:, :, col[f"k_eps@{eps}"]])
-            k_hat = np.maximum(k_pred_plain(n, sigma, eps), 1.0)
-            k_fin = np.maximum(np.minimum(k_grid_all[:, :, e_idx] * n / n_grid, n), 1.0)
-            n_sl = np.minimum(n, sinks + window)
-            k_sink = np.asarray(k_pred_sink_aware(n - n_sl, n_sl, sigma, m_b, eps), dtype=float)
-            ratio = np.log(np.maximum(k_meas, 1.0) / k_fin)
-            q75, q25 = np.percentile(ratio, [75, 25], axis=1)
-            stat[f"sink {e_key}"] = np.nanmean(k_sink, axis=1)
-            stat[f"covers {e_key}"] = np.mean(k_meas <= np.ceil(k_sink) + 1e-9, axis=1)
-            stat[f"k_pred {e_key}"] = np.mean(k_hat, axis=1)
-            stat[f"k_fin {e_key}"] = np.mean(k_fin, axis=1)
-            stat[f"k_meas {e_key}"] = np.mean(k_meas, axis=1)
-            stat[f"median {e_key}"] = np.median(ratio, axis=1)
-            stat[f"iqr {e_key}"] = q75 - q25
-            rho = np.full(len(ids), np.nan)
-            has = (np.ptp(k_meas, axis=1) > 0) & (np.ptp(k_fin, axis=1) > 0)
-            if has.any():
-                # scipy.stats.spearmanr's own steps (average ranks, then np.corrcoef of the (rows, 2) ranks)
-                ranked = np.empty((int(has.sum()), n.shape[1], 2))
-                ranked[:, :, 0] = average_ranks(k_meas[has])  # = scipy.stats.rankdata(axis=1)
-                ranked[:, :, 1] = average_ranks(k_fin[has])
-                rho[has] = [np.corrcoef(r, rowvar=False)[1, 0] for r in ranked]
-            stat[f"rho {e_key}"] = rho
-            stat[f"has_rho {e_key}"] = has
-        for j, i in enumerate(ids):
-            out = blocks[i]
-            out["sigma_median"] = float(stat["sigma_median"][j])
-            out["large_sigma_share"] = float(stat["large_sigma_share"][j])
-            for e_key in eps_keys:
-                out.setdefault("k_pred_sink_aware", {})[e_key] = float(stat[f"sink {e_key}"][j])
-                out.setdefault("sink_aware_covers_share", {})[e_key] = float(stat[f"covers {e_key}"][j])
-                out["k_pred"][e_key] = float(stat[f"k_pred {e_key}"][j])
-                out["k_pred_finite_n"][e_key] = float(stat[f"k_fin {e_key}"][j])
-                out["k_measured_mean"][e_key] = float(stat[f"k_meas {e_key}"][j])
-                out["log_ratio_median"][e_key] = float(stat[f"median {e_key}"][j])
-                out["log_ratio_iqr"][e_key] = float(stat[f"iqr {e_key}"][j])
-                if stat[f"has_rho {e_key}"][j]:
-                    out["spearman"][e_key] = float(stat[f"rho {e_key}"][j])
-            out["prediction"] = _PREDICTION_NOTE
+        k_grid_all = k_grid[start:start + n_grid.size].reshape(*n_grid.shape, len(eps_keys))
+        start += n_grid.size
+        _fill_blocks(blocks, ids, _stack_stats(st, col, n_grid, k_grid_all, eps_keys, sinks, window), eps_keys)
     return blocks
 
 
