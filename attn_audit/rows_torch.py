@@ -49,6 +49,7 @@ from attn_audit.rows_torch_select import (
     _search_ns,
     _select,
     _take,
+    _Targets,
 )
 from attn_audit.rows_torch_stream import _E_CLAMP, _Block, _stream, _workspace, clear_workspace
 
@@ -107,126 +108,203 @@ def _block_metrics(
     exact sort-based routine.
     """
     rb_, g, n = xr.shape
-    rows = rb_ * g
-    dev = xr.device
-    f64 = torch.float64
     s0 = min(spec.sinks, n)
-    blk = _Block(rows, n, nb, s0, dev)
+    blk = _Block(rb_ * g, n, nb, s0, xr.device)
     _stream(xr, q.tolist(), blk, nb, s0, rr)
 
     empty = blk.m == float("-inf")
     mz = torch.where(empty, 0.0, blk.m)
-    n_i = blk.n_i
-    # merge the overflow group into one bin nb
-    blk.hm[:, nb] = blk.hm[:, nb:].sum(1)
-    blk.hc[:, nb] = blk.hc[:, nb:].sum(1)
-    hm, hc = blk.hm[:, : nb + 1], blk.hc[:, : nb + 1]
-    cm = torch.cumsum(hm, 1, out=_workspace("cm", (rows, nb + 1), f64, dev))
-    cc = torch.cumsum(hc, 1, out=_workspace("cc", (rows, nb + 1), torch.float32, dev))
-    z = cm[:, -1].clone()
+    hist = _histogram(blk, nb)
+    z = hist[0][:, -1].clone()  # row mass
     # error margin (unnormalised mass): float64 rounding of exp, of the accumulation in the
     # bins and of the reference's own softmax and cumulative sums, plus the clamp of the
     # exp argument; a generous multiple of n * 2^-53.
     tol = (64.0 * (n + nb) * _U64 + 1e-12) * z + 2 * n * _E_CLAMP
 
-    n_eps, n_bud = len(spec.eps), len(spec.budgets)
-    thr = torch.tensor([1.0 - e for e in spec.eps], dtype=f64, device=dev)
-    tz = (thr[None, :] * z[:, None]).contiguous()
-    t_all = _locate(torch.searchsorted(cm, tz, side="left"), cm, cc, hm, hc)
-    if s0:
-        es = blk.es * blk.sa.to(f64)
-        m_s = es.sum(1)
-        tz_ns = (tz - m_s[:, None]).contiguous()
-        t_ns = _search_ns(tz_ns, cm, cc, hm, hc, es, blk.sa, blk.sbin)
-    else:
-        tz_ns = tz
-        t_ns = t_all
+    tz, t_all, tz_ns, t_ns = _mass_targets(spec, blk, s0, z, hist)
     ns_need = tz_ns > tol[:, None]
     redo = (tz_ns.abs() <= tol[:, None]).any(1)
     redo |= (t_all.b >= nb).any(1) | (ns_need & (t_ns.b >= nb)).any(1)
+    k_all, k_ns, ok_all, ok_ns = _bound_counts(tz, t_all, tz_ns, t_ns, blk.neg_iw, nb, tol)
+    ok_ns = ok_ns | ~ns_need
+    t_bd, j_bd, top, ok_bd = _budget_tops(spec, blk, nb, z, hist)
 
-    # bound-based resolution (no key needed) of every target
+    need = ~(ok_all.all(1) & ok_ns.all(1) & ok_bd.all(1)) & ~redo & ~empty
+    if force_fallback:
+        redo = torch.ones_like(redo)
+        need = torch.zeros_like(redo)
+    if bool(need.any()):
+        fams = [(t_all, tz, ok_all, "all"), (t_ns, tz_ns, ok_ns, "ns")]
+        if t_bd is not None:
+            fams.append((t_bd, j_bd, ok_bd, "count"))
+        _resolve_exact(xr, blk, nb, s0, need, mz, tol, fams, [k_all, k_ns, top], redo)
+
+    out = _count_fields(blk, empty, k_all, k_ns, ns_need)
+    out.update(_float_fields(xr, q, spec, blk, empty, mz, z, top))
+    out["redo"] = redo & ~empty
+    return out
+
+
+def _histogram(blk: _Block, nb: int) -> tuple[torch.Tensor, ...]:
+    """Cumulative bin histogram of a block, the overflow group merged into bin nb.
+
+    Returns (cm, cc, hm, hc), the argument order of :func:`_locate`: cm float64 / cc
+    float32 (rows, nb + 1) cumulative bin masses / counts (scratch buffers), hm float64 /
+    hc float32 (rows, nb + 1) the bin masses / counts (views of the block's histogram).
+    """
+    rows, dev = blk.hm.shape[0], blk.hm.device
+    blk.hm[:, nb] = blk.hm[:, nb:].sum(1)
+    blk.hc[:, nb] = blk.hc[:, nb:].sum(1)
+    hm, hc = blk.hm[:, : nb + 1], blk.hc[:, : nb + 1]
+    cm = torch.cumsum(hm, 1, out=_workspace("cm", (rows, nb + 1), torch.float64, dev))
+    cc = torch.cumsum(hc, 1, out=_workspace("cc", (rows, nb + 1), torch.float32, dev))
+    return cm, cc, hm, hc
+
+
+def _mass_targets(
+    spec: RowSpec, blk: _Block, s0: int, z: torch.Tensor, hist: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, _Targets, torch.Tensor, _Targets]:
+    """Boundary bins of the mass targets (1 - eps) z of every row.
+
+    z: float64 (rows,) row masses; hist: (cm, cc, hm, hc) from :func:`_histogram`.
+    Returns tz float64 (rows, E) with its boundary bins t_all (all keys), and tz_ns (tz
+    minus the sink mass) with the bins t_ns of the non-sink keys (tz, t_all if s0 == 0).
+    """
+    thr = torch.tensor([1.0 - e for e in spec.eps], dtype=torch.float64, device=z.device)
+    tz = (thr[None, :] * z[:, None]).contiguous()
+    t_all = _locate(torch.searchsorted(hist[0], tz, side="left"), *hist)
+    if not s0:
+        return tz, t_all, tz, t_all
+    es = blk.es * blk.sa.to(torch.float64)
+    m_s = es.sum(1)
+    tz_ns = (tz - m_s[:, None]).contiguous()
+    return tz, t_all, tz_ns, _search_ns(tz_ns, *hist, es, blk.sa, blk.sbin)
+
+
+def _bound_counts(
+    tz: torch.Tensor, t_all: _Targets, tz_ns: torch.Tensor, t_ns: _Targets,
+    neg_iw: torch.Tensor, nb: int, tol: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counts of every mass target from its boundary bin alone (no key needed).
+
+    tz / tz_ns: float64 (rows, E) targets of the families t_all / t_ns; neg_iw: float32
+    (rows,); tol: float64 (rows,) error margin.  Returns k_all, k_ns float64 (rows, E)
+    counts (valid where resolved) and ok_all, ok_ns bool (rows, E) (resolved).
+    """
+    n_eps = tz.shape[1]
     bb = torch.cat([t_all.b, t_ns.b], 1).clamp(max=nb - 1)
-    lo, hi = _bin_bounds(bb, blk.neg_iw)
+    lo, hi = _bin_bounds(bb, neg_iw)
     r_m = torch.cat([tz - t_all.a, tz_ns - t_ns.a], 1)
     j_m, ok_m = _mass_from_bounds(
         r_m, torch.cat([t_all.m, t_ns.m], 1), torch.cat([t_all.c, t_ns.c], 1), lo, hi, tol
     )
     k_all = t_all.cb + j_m[:, :n_eps]
     k_ns = t_ns.cb + j_m[:, n_eps:]
-    ok_all = ok_m[:, :n_eps]
-    ok_ns = ok_m[:, n_eps:] | ~ns_need
+    return k_all, k_ns, ok_m[:, :n_eps], ok_m[:, n_eps:]
 
-    if n_bud:
-        bud = torch.tensor(spec.budgets, dtype=torch.float32, device=dev)
-        beff = torch.minimum(bud[None, :], n_i.to(torch.float32)[:, None]).clamp_(min=1.0)
-        t_bd = _locate(torch.searchsorted(cc, beff.contiguous(), side="left"), cm, cc, hm, hc)
-        j_bd = beff.to(f64) - t_bd.cb
-        lo_b, hi_b = _bin_bounds(t_bd.b.clamp(max=nb - 1), blk.neg_iw)
-        low, upp = _prefix_bounds(j_bd, t_bd.m, t_bd.c, lo_b, hi_b)
-        over = t_bd.b >= nb  # keys beyond the cap: at most ~1e-7 of the mass in all
-        top = torch.where(
-            over,
-            t_bd.a + t_bd.m * (j_bd / t_bd.c.clamp_min(1.0)).clamp(max=1.0),
-            t_bd.a + 0.5 * (low + upp),
-        )
-        ok_bd = over | ((upp - low) <= 2.0 * _TAIL_TOL * z[:, None])
-    else:
-        top = torch.empty((rows, 0), dtype=f64, device=dev)
-        ok_bd = torch.ones((rows, 0), dtype=torch.bool, device=dev)
 
-    need = ~(ok_all.all(1) & ok_ns.all(1) & ok_bd.all(1)) & ~redo & ~empty
-    if force_fallback:
-        redo = torch.ones_like(redo)
-        need = torch.zeros_like(redo)
+def _budget_tops(
+    spec: RowSpec, blk: _Block, nb: int, z: torch.Tensor, hist: tuple[torch.Tensor, ...]
+) -> tuple[_Targets | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Top-k masses of the budgets (k = min(budget, n_i)) from their boundary bins.
 
-    # ---- exact resolution inside the boundary bins, chunk group by chunk group -----------
-    if bool(need.any()):
-        cap = max(256, n // 4)
-        for i0, i1, c in _groups(blk.chunks, n):
-            nsel = need[i0:i1]
-            cnt = int(nsel.sum().item())
-            if cnt == 0:
-                continue
-            for j0, j1, c1 in blk.chunks:  # stale columns of the group's shorter chunks
-                if i0 <= j0 < i1 and c1 < c:
-                    blk.bi[j0:j1, c1:c] = nb
-            if cnt * 2 >= i1 - i0:
-                idx = torch.arange(i0, i1, device=dev)
-                biv = blk.bi[i0:i1, :c]
-            else:
-                idx = i0 + nsel.nonzero().squeeze(1)
-                biv = blk.bi[idx, :c]
-            act = need[idx][:, None]
-            fams = [
-                (_take(t_all, idx), tz[idx], act & ~ok_all[idx], "all"),
-                (_take(t_ns, idx), tz_ns[idx], act & ~ok_ns[idx], "ns"),
-            ]
-            if n_bud:
-                fams.append((_take(t_bd, idx), j_bd[idx], act & ~ok_bd[idx], "count"))
-            vals, row_ok = _select(
-                xr, idx, mz[idx], blk.neg_iw[idx], biv, nb, s0, cap, tol[idx], fams
-            )
-            k_all[idx] = torch.where(fams[0][2], vals[0], k_all[idx])
-            k_ns[idx] = torch.where(fams[1][2], vals[1], k_ns[idx])
-            if n_bud:
-                top[idx] = torch.where(fams[2][2], vals[2], top[idx])
-            redo[idx] |= ~row_ok & need[idx]
+    z: float64 (rows,) row masses; hist: (cm, cc, hm, hc) from :func:`_histogram`.
+    Returns the boundary bins t_bd and the rank j_bd float64 (rows, B) inside them (both
+    None without budgets), the top-k mass top float64 (rows, B) (bound midpoint) and ok_bd
+    bool (rows, B) (True: settled, within _TAIL_TOL of the row mass).
+    """
+    rows, dev = z.shape[0], z.device
+    if not spec.budgets:
+        top = torch.empty((rows, 0), dtype=torch.float64, device=dev)
+        return None, None, top, torch.ones((rows, 0), dtype=torch.bool, device=dev)
+    bud = torch.tensor(spec.budgets, dtype=torch.float32, device=dev)
+    beff = torch.minimum(bud[None, :], blk.n_i.to(torch.float32)[:, None]).clamp_(min=1.0)
+    t_bd = _locate(torch.searchsorted(hist[1], beff.contiguous(), side="left"), *hist)
+    j_bd = beff.to(torch.float64) - t_bd.cb
+    lo_b, hi_b = _bin_bounds(t_bd.b.clamp(max=nb - 1), blk.neg_iw)
+    low, upp = _prefix_bounds(j_bd, t_bd.m, t_bd.c, lo_b, hi_b)
+    over = t_bd.b >= nb  # keys beyond the cap: at most ~1e-7 of the mass in all
+    top = torch.where(
+        over,
+        t_bd.a + t_bd.m * (j_bd / t_bd.c.clamp_min(1.0)).clamp(max=1.0),
+        t_bd.a + 0.5 * (low + upp),
+    )
+    ok_bd = over | ((upp - low) <= 2.0 * _TAIL_TOL * z[:, None])
+    return t_bd, j_bd, top, ok_bd
 
-    k_all = torch.minimum(k_all, n_i[:, None])
+
+def _resolve_exact(
+    xr: torch.Tensor, blk: _Block, nb: int, s0: int, need: torch.Tensor, mz: torch.Tensor,
+    tol: torch.Tensor, fams: list[tuple[_Targets, torch.Tensor, torch.Tensor, str]],
+    dst: list[torch.Tensor], redo: torch.Tensor,
+) -> None:
+    """Exact resolution inside the boundary bins, chunk group by chunk group (in place).
+
+    xr: float (Rb, G, n) scores; need: bool (rows,) rows with an unsettled target; mz, tol:
+    float64 (rows,); fams: (targets, values, settled (rows, T) bool, kind) per family (see
+    :func:`_select`); dst: per family the float64 (rows, T) result, whose unsettled entries
+    of the rows ``need`` are overwritten; redo: bool (rows,), set where that fails.
+    """
+    n = xr.shape[2]
+    cap = max(256, n // 4)
+    for i0, i1, c in _groups(blk.chunks, n):
+        nsel = need[i0:i1]
+        cnt = int(nsel.sum().item())
+        if cnt == 0:
+            continue
+        for j0, j1, c1 in blk.chunks:  # stale columns of the group's shorter chunks
+            if i0 <= j0 < i1 and c1 < c:
+                blk.bi[j0:j1, c1:c] = nb
+        if cnt * 2 >= i1 - i0:
+            idx = torch.arange(i0, i1, device=xr.device)
+            biv = blk.bi[i0:i1, :c]
+        else:
+            idx = i0 + nsel.nonzero().squeeze(1)
+            biv = blk.bi[idx, :c]
+        act = need[idx][:, None]
+        sub = [(_take(tg, idx), tv[idx], act & ~done[idx], k) for tg, tv, done, k in fams]
+        vals, ok = _select(xr, idx, mz[idx], blk.neg_iw[idx], biv, nb, s0, cap, tol[idx], sub)
+        for (_, _, a, _), v, d in zip(sub, vals, dst):
+            d[idx] = torch.where(a, v, d[idx])
+        redo[idx] |= ~ok & need[idx]
+
+
+def _count_fields(
+    blk: _Block, empty: torch.Tensor, k_all: torch.Tensor, k_ns: torch.Tensor,
+    ns_need: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Integer fields of a block: n_keys int64 (rows,), k_eps / k_eps_sinks int64 (rows, E).
+
+    k_all / k_ns: float64 (rows, E) counts over all keys / over the non-sink keys (used
+    where ns_need, bool (rows, E)); empty: bool (rows,) rows without an allowed key.
+    """
+    k_all = torch.minimum(k_all, blk.n_i[:, None])
     k_ns = torch.where(ns_need, k_ns, 0.0)
-    n_s = blk.sa.to(f64).sum(1)
-    out: dict[str, torch.Tensor] = {}
-    out["n_keys"] = n_i.to(torch.int64)
-    out["k_eps"] = torch.where(empty[:, None], 0, k_all.to(torch.int64))
-    out["k_eps_sinks"] = torch.where(empty[:, None], 0, (n_s[:, None] + k_ns).to(torch.int64))
-    tail = (1.0 - top / z[:, None]).clamp_min(0.0)
-    out["tail_mass"] = torch.where(empty[:, None], float("nan"), tail)
+    n_s = blk.sa.to(torch.float64).sum(1)
+    return {
+        "n_keys": blk.n_i.to(torch.int64),
+        "k_eps": torch.where(empty[:, None], 0, k_all.to(torch.int64)),
+        "k_eps_sinks": torch.where(empty[:, None], 0, (n_s[:, None] + k_ns).to(torch.int64)),
+    }
+
+
+def _float_fields(
+    xr: torch.Tensor, q: torch.Tensor, spec: RowSpec, blk: _Block, empty: torch.Tensor,
+    mz: torch.Tensor, z: torch.Tensor, top: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Float fields of a block (and n_bulk): float64 (rows,), tail_mass (rows, B).
+
+    xr: float (Rb, G, n) scores, q: int64 (Rb,); empty: bool (rows,) (NaN / -inf there);
+    mz, z: float64 (rows,) shift and row mass; top: float64 (rows, B) top-k masses.
+    """
     nan = float("nan")
+    out: dict[str, torch.Tensor] = {}
+    tail = (1.0 - top / z[:, None]).clamp_min(0.0)
+    out["tail_mass"] = torch.where(empty[:, None], nan, tail)
     out["participation"] = torch.where(empty, nan, z * z / blk.s2)
     out["entropy"] = torch.where(empty, nan, torch.log(z) - blk.sed / z)
     reg = _region_stats(xr, mz, q, spec)
-    fin = _finish_regions(reg, z, n_i, blk.sd, blk.sdd, mz)
+    fin = _finish_regions(reg, z, blk.n_i, blk.sd, blk.sdd, mz)
     for key in ("sink_mass", "local_mass", "bulk_mass"):
         out[key] = torch.where(empty, nan, fin[key])
     out["bulk_mean"] = fin["bulk_mean"]
@@ -236,7 +314,6 @@ def _block_metrics(
     out["max_abs_score"] = torch.where(
         empty, float("-inf"), torch.maximum(blk.m.abs(), (blk.m + blk.lo).abs())
     )
-    out["redo"] = redo & ~empty
     return out
 
 
@@ -258,7 +335,6 @@ def _groups(chunks: list[tuple[int, int, int]], n: int) -> list[tuple[int, int, 
                 continue
         out.append((i0, i1, c1))
     return out
-
 
 
 @torch.no_grad()

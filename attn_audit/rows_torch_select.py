@@ -205,50 +205,12 @@ def _select(
     Returns per family float64 (u, T) (k for mass families, the top mass for "count") and
     ok bool (u,) (False: recompute the row with the exact sort-based routine).
     """
-    u, c = bi.shape
-    dev = bi.device
     g = xr.shape[1]
     rq, rg = rows // g, rows % g
-    ninf = float("-inf")
-    sc = min(s0, c)
-    w = nb + _OVER
-    sel = torch.zeros(u, w, dtype=torch.bool, device=dev)
-    for tg, _, act, _ in fams:
-        sel.scatter_(1, torch.where(act, tg.b, nb), True)
-    sel[:, nb:] = False
-    msk = torch.gather(sel, 1, bi[:, sc:])
-    rr, cidx = msk.nonzero(as_tuple=True)
-    cnt = torch.bincount(rr, minlength=u)
-    ok = cnt <= cap
-    lmax = int(cnt.max().item()) if u else 0
-    if lmax > cap:
-        keep = ok[rr]
-        rr, cidx = rr[keep], cidx[keep]
-        cnt = torch.where(ok, cnt, 0)
-        lmax = int(cnt.max().item())
-    width = max(sc + lmax, 1)
-    key = torch.full((u, width), ninf, dtype=torch.float64, device=dev)
-    if sc:
-        allowed_s = bi[:, :sc] < nb
-        xs = xr[rq, rg, :sc].to(torch.float64) - mz[:, None]  # exact s - max
-        key[:, :sc] = torch.where(allowed_s, xs, ninf)
-    if lmax:
-        start = torch.cumsum(cnt, 0) - cnt
-        pos = sc + torch.arange(rr.numel(), device=dev) - start[rr]
-        key[rr, pos] = xr[rq[rr], rg[rr], sc + cidx].to(torch.float64) - mz[rr]
-    ks, order = torch.sort(key, dim=1, descending=True)
-    # bins of the sorted keys, recomputed exactly as in the stream (fl32 of the exact
-    # shift, times the same float32 inverse width): non-decreasing along each row
-    pb = ks.to(torch.float32).mul_(neg_iw[:, None]).clamp_(max=float(nb)).to(torch.int64)
-    valid = ks > ninf
-    ms = torch.where(valid, torch.exp(ks.clamp(min=_CLAMP)), 0.0)
-    cs_all = ms.cumsum(1)
-    if sc:
-        is_ns = order >= sc
-        cs_ns = torch.where(is_ns, ms, 0.0).cumsum(1)
-        nsc = is_ns.cumsum(1)
-    else:
-        cs_ns, nsc = cs_all, None
+    sc = min(s0, bi.shape[1])
+    rr, cidx, cnt, ok, lmax = _boundary_keys(bi, nb, sc, cap, fams)
+    key = _key_matrix(xr, rq, rg, mz, bi, nb, sc, rr, cidx, cnt, lmax)
+    pb, cs_all, cs_ns, nsc = _sorted_masses(key, neg_iw, nb, sc)
     vals: list[torch.Tensor] = []
     for tg, tv, act, kind in fams:
         if kind == "count":
@@ -263,6 +225,90 @@ def _select(
             ok &= (okf | ~act).all(1)
             vals.append(k)
     return vals, ok
+
+
+def _boundary_keys(
+    bi: torch.Tensor,
+    nb: int,
+    sc: int,
+    cap: int,
+    fams: list[tuple[_Targets, torch.Tensor, torch.Tensor, str]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The non-sink keys of u rows that lie in a boundary bin of an active target.
+
+    bi: int64 (u, c) bins of the keys, the first sc columns the sinks (not selected);
+    fams: as in :func:`_select`.  Returns rr, cidx int64 (L,) row and column - sc of the
+    selected keys (row-major), cnt int64 (u,) keys per row, ok bool (u,) (False: more than
+    cap keys; such rows get none) and lmax (int) the largest count.
+    """
+    u = bi.shape[0]
+    sel = torch.zeros(u, nb + _OVER, dtype=torch.bool, device=bi.device)
+    for tg, _, act, _ in fams:
+        sel.scatter_(1, torch.where(act, tg.b, nb), True)
+    sel[:, nb:] = False
+    msk = torch.gather(sel, 1, bi[:, sc:])
+    rr, cidx = msk.nonzero(as_tuple=True)
+    cnt = torch.bincount(rr, minlength=u)
+    ok = cnt <= cap
+    lmax = int(cnt.max().item()) if u else 0
+    if lmax > cap:
+        keep = ok[rr]
+        rr, cidx = rr[keep], cidx[keep]
+        cnt = torch.where(ok, cnt, 0)
+        lmax = int(cnt.max().item())
+    return rr, cidx, cnt, ok, lmax
+
+
+def _key_matrix(
+    xr: torch.Tensor, rq: torch.Tensor, rg: torch.Tensor, mz: torch.Tensor, bi: torch.Tensor,
+    nb: int, sc: int, rr: torch.Tensor, cidx: torch.Tensor, cnt: torch.Tensor, lmax: int,
+) -> torch.Tensor:
+    """The gathered keys of u rows as exact shifted scores s - max, float64 (u, sc + lmax).
+
+    xr: float (Rb, G, n) scores; rq, rg: int64 (u,) query / head of each row; mz: float64
+    (u,); bi: int64 (u, c) bins; rr, cidx, cnt, lmax: from :func:`_boundary_keys`.
+    Columns: the sc sink keys (-inf where masked), then each row's selected keys; -inf pads.
+    """
+    u = bi.shape[0]
+    dev = bi.device
+    ninf = float("-inf")
+    width = max(sc + lmax, 1)
+    key = torch.full((u, width), ninf, dtype=torch.float64, device=dev)
+    if sc:
+        allowed_s = bi[:, :sc] < nb
+        xs = xr[rq, rg, :sc].to(torch.float64) - mz[:, None]  # exact s - max
+        key[:, :sc] = torch.where(allowed_s, xs, ninf)
+    if lmax:
+        start = torch.cumsum(cnt, 0) - cnt
+        pos = sc + torch.arange(rr.numel(), device=dev) - start[rr]
+        key[rr, pos] = xr[rq[rr], rg[rr], sc + cidx].to(torch.float64) - mz[rr]
+    return key
+
+
+def _sorted_masses(
+    key: torch.Tensor, neg_iw: torch.Tensor, nb: int, sc: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sort the gathered keys of u rows (descending) and accumulate their masses.
+
+    key: float64 (u, L) from :func:`_key_matrix`; neg_iw: float32 (u,).  Returns pb int64
+    (u, L) bins of the sorted keys, cs_all / cs_ns float64 (u, L) cumulative masses of all
+    keys / of the non-sink keys, nsc int64 (u, L) cumulative number of non-sink keys
+    (cs_ns = cs_all and nsc = None when sc == 0).
+    """
+    ks, order = torch.sort(key, dim=1, descending=True)
+    # bins of the sorted keys, recomputed exactly as in the stream (fl32 of the exact
+    # shift, times the same float32 inverse width): non-decreasing along each row
+    pb = ks.to(torch.float32).mul_(neg_iw[:, None]).clamp_(max=float(nb)).to(torch.int64)
+    valid = ks > float("-inf")
+    ms = torch.where(valid, torch.exp(ks.clamp(min=_CLAMP)), 0.0)
+    cs_all = ms.cumsum(1)
+    if sc:
+        is_ns = order >= sc
+        cs_ns = torch.where(is_ns, ms, 0.0).cumsum(1)
+        nsc = is_ns.cumsum(1)
+    else:
+        cs_ns, nsc = cs_all, None
+    return pb, cs_all, cs_ns, nsc
 
 
 def _take(tg: _Targets, idx: torch.Tensor) -> _Targets:
