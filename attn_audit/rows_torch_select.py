@@ -130,7 +130,7 @@ def _search_ns(
         start = torch.cat([zero.to(torch.int64), sb], 1)
         stop = torch.cat([sb, torch.full_like(zero, w, dtype=torch.int64)], 1)
         tgt = (tz[:, :, None] + p[:, None, :]).reshape(bsz, -1)
-        cand = torch.searchsorted(cm, tgt.contiguous(), side="left").view(bsz, t, -1)
+        cand = torch.searchsorted(cm, tgt.contiguous(), side="left").view(bsz, t, p.shape[1])
         cand = torch.maximum(cand, start[:, None, :])
         cand = torch.where(cand < stop[:, None, :], cand, w)
         b = cand.amin(-1)

@@ -311,6 +311,19 @@ def test_zero_sized_inputs(backend: str) -> None:
     assert (m.n_keys == 0).all() and (m.k_eps == 0).all()
 
 
+@by_backend
+@pytest.mark.parametrize("sinks", [1, 2, 4])
+def test_no_eps_only_budgets(backend: str, sinks: int) -> None:
+    """With no eps (only tail masses asked for) and several sinks, the kernels still run and
+    agree with the reference (the torch kernel once failed to reshape its empty targets)."""
+    s, q = realistic_block(3, 12, 40, seed=5)
+    spec = RowSpec(eps=(), budgets=(4, 16), sinks=sinks)
+    got, ref = row_metrics(s, q, spec, backend=backend), reference_row_metrics(s, q, spec)
+    assert got.k_eps.shape == got.k_eps_sinks.shape == (3, 12, 0)
+    torch.testing.assert_close(got.tail_mass, ref.tail_mass, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got.sink_mass, ref.sink_mass, rtol=0, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------
 # realistic block
 # ---------------------------------------------------------------------------------------
