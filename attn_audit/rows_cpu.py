@@ -69,8 +69,11 @@ def _sources_digest() -> int:
     from attn_audit import rows_cpu_stages, rows_spec
 
     h = hashlib.sha256()
-    for mod in (rows_cpu_stages, rows_spec):
-        h.update(Path(mod.__file__).read_bytes())
+    try:
+        for mod in (rows_cpu_stages, rows_spec):
+            h.update(Path(mod.__file__).read_bytes())
+    except (OSError, TypeError):  # no readable source (a zip import, a frozen build): no digest
+        return 0
     return int(h.hexdigest()[:15], 16)
 
 

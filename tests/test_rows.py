@@ -458,3 +458,17 @@ def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
     stages = copy / "rows_cpu_stages.py"
     stages.write_text(stages.read_text() + "\n# an edit of the stages alone\n")
     assert run() == (0, 1)  # recompiled, not the stale code
+
+
+def test_kernel_sources_digest_without_readable_sources(monkeypatch) -> None:
+    """The cache digest reads the stage sources; where they cannot be read (a zip import, a
+    frozen build) the kernel must still import and run, keyed on its own file only."""
+    from attn_audit import rows_cpu
+
+    assert rows_cpu._sources_digest() > 0
+
+    def unreadable(self: Path) -> bytes:
+        raise OSError("no source")
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    assert rows_cpu._sources_digest() == 0
