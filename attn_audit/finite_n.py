@@ -9,19 +9,23 @@ every head can be predicted. This removes the large-sigma underestimation of the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from attn_audit.simulated_rows import _k_eps_columns, _stratified_rows_t
 
 FloatArray = NDArray[np.float64]
+_CacheKey = tuple[int, float, int, int, float]  # (n, eps, draws, seed, sigma_step)
+_Run = tuple[np.int64, np.int64]  # (start, end) of one group's run of lookups
 
 
 # Median k_eps / n per Monte Carlo cell, keyed by (n, eps, draws, seed, sigma_step): sorted
 # sigma grid indices and their values. Every cell regenerates the same draws from
 # (seed, n, draws), so the cached values do not depend on which grid points were computed
 # together.
-_KAPPA_CACHE: dict[tuple[int, float, int, int, float], tuple[NDArray[np.int64], FloatArray]] = {}
+_KAPPA_CACHE: dict[_CacheKey, tuple[NDArray[np.int64], FloatArray]] = {}
 _KAPPA_CACHE_MAX_CELLS = 20_000
 
 
@@ -60,6 +64,100 @@ def _unique_inverse(keys: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray
     return uniq.astype(np.int64), slot[keys].astype(np.int64)
 
 
+class _Groups(NamedTuple):
+    """The (n cell, eps) groups of one lookup batch: group g = cell index * E + eps index."""
+
+    cells: NDArray[np.int64]  # distinct n cells, shape (C,)
+    eps: FloatArray  # distinct eps, shape (E,)
+    draws: int
+    seed: int
+    step: float
+
+    def table(self, g: int) -> tuple[_CacheKey, NDArray[np.int64], FloatArray]:
+        """Cache key of group ``g`` and its cached sigma codes and kappa, shape ``(m,)`` each
+        (empty when nothing is cached)."""
+        e = self.eps.size
+        tkey = (int(self.cells[g // e]), float(self.eps[g % e]), self.draws, self.seed, self.step)
+        have = _KAPPA_CACHE.get(tkey, (np.empty(0, dtype=np.int64), np.empty(0)))
+        return tkey, have[0], have[1]
+
+
+def _distinct_lookups(
+    cell_i: NDArray[np.int64], eps_i: NDArray[np.int64], n_eps: int, codes: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Distinct (group, sigma code) pairs looked up at ``codes`` and ``codes + 1``.
+
+    Args:
+        cell_i: n cell index of each query, shape ``(q,)``.
+        eps_i: eps index of each query, shape ``(q,)``.
+        n_eps: distinct eps E (group = cell index * E + eps index).
+        codes: lower sigma grid index of each query (>= 0), shape ``(q,)``.
+
+    Returns:
+        ``(group, code, inv)``: the sorted distinct pairs, shape ``(u,)`` each (so each group
+        is one run), and the pair of each lookup, shape ``(2q,)`` (``codes``, then ``codes + 1``).
+    """
+    c_min = int(codes.min())
+    span = int(codes.max()) - c_min + 2
+    group = cell_i * n_eps + eps_i.reshape(cell_i.shape)
+    key = group * span + (codes - c_min)
+    uniq, inv = _unique_inverse(np.concatenate([key, key + 1]))
+    u_group, u_code = np.divmod(uniq, span)
+    u_code += c_min
+    return u_group, u_code, inv
+
+
+def _missing_codes(
+    groups: _Groups, u_group: NDArray[np.int64], u_code: NDArray[np.int64], runs: list[_Run]
+) -> dict[int, tuple[set[int], list[NDArray[np.int64]]]]:
+    """Sigma codes not cached yet, per n cell index: its eps indices and code arrays.
+
+    Args:
+        u_group, u_code: distinct (group, sigma code) pairs, shape ``(u,)`` each.
+        runs: ``(start, end)`` of each group's run in them.
+    """
+    missing: dict[int, tuple[set[int], list[NDArray[np.int64]]]] = {}
+    for s, e in runs:
+        g = int(u_group[s])
+        _, have_c, _ = groups.table(g)
+        want = u_code[s:e]
+        absent = want[~np.isin(want, have_c, assume_unique=True)]
+        if absent.size:
+            eps_set, parts = missing.setdefault(g // groups.eps.size, (set(), []))
+            eps_set.add(g % groups.eps.size)
+            parts.append(absent)
+    return missing
+
+
+def _simulate_missing(
+    groups: _Groups, missing: dict[int, tuple[set[int], list[NDArray[np.int64]]]]
+) -> None:
+    """Computes and caches the missing codes: one pass per n cell for all its eps (the union
+    of their codes), see :func:`_missing_codes`."""
+    for ci, (eps_set, parts) in missing.items():
+        n_cell = int(groups.cells[ci])
+        todo = np.unique(np.concatenate(parts))
+        e_list = sorted(eps_set)
+        med = _cell_kappa(  # (E', m)
+            n_cell, groups.eps[e_list], todo, groups.draws, groups.seed, groups.step
+        )
+        for row, ei in enumerate(e_list):
+            tkey, have_c, have_v = groups.table(ci * groups.eps.size + ei)
+            all_c, first = np.unique(np.concatenate([have_c, todo]), return_index=True)
+            _KAPPA_CACHE[tkey] = (all_c, np.concatenate([have_v, med[row]])[first])
+
+
+def _cached_values(
+    groups: _Groups, u_group: NDArray[np.int64], u_code: NDArray[np.int64], runs: list[_Run]
+) -> FloatArray:
+    """Cached kappa of each distinct (group, sigma code) pair, shape ``(u,)`` (all cached)."""
+    vals = np.empty(u_code.size)
+    for s, e in runs:
+        _, have_c, have_v = groups.table(int(u_group[s]))
+        vals[s:e] = have_v[np.searchsorted(have_c, u_code[s:e])]
+    return vals
+
+
 def _kappa_lookup(
     cells: NDArray[np.int64],
     eps: FloatArray,
@@ -82,47 +180,14 @@ def _kappa_lookup(
         _KAPPA_CACHE.clear()
     cell_u, cell_i = _unique_inverse(cells)
     eps_u, eps_i = np.unique(eps, return_inverse=True)
-    c_min = int(codes.min())
-    span = int(codes.max()) - c_min + 2
-    group = cell_i * eps_u.size + eps_i.reshape(cell_i.shape)
-    key = group * span + (codes - c_min)
-    uniq, inv = _unique_inverse(np.concatenate([key, key + 1]))
-    u_group, u_code = np.divmod(uniq, span)
-    u_code += c_min
-    bounds = np.flatnonzero(np.diff(u_group)) + 1  # uniq is sorted: groups are runs
-    starts, ends = np.r_[0, bounds], np.r_[bounds, uniq.size]
-
-    def table(g: int) -> tuple[tuple[int, float, int, int, float], NDArray[np.int64], FloatArray]:
-        tkey = (int(cell_u[g // eps_u.size]), float(eps_u[g % eps_u.size]), draws, seed, step)
-        have = _KAPPA_CACHE.get(tkey, (np.empty(0, dtype=np.int64), np.empty(0)))
-        return tkey, have[0], have[1]
-
-    # Codes missing per cell (union over its eps), then one pass per cell for all of them.
-    missing: dict[int, tuple[set[int], list[NDArray[np.int64]]]] = {}
-    for s, e in zip(starts, ends, strict=True):
-        g = int(u_group[s])
-        _, have_c, _ = table(g)
-        want = u_code[s:e]
-        absent = want[~np.isin(want, have_c, assume_unique=True)]
-        if absent.size:
-            eps_set, parts = missing.setdefault(g // eps_u.size, (set(), []))
-            eps_set.add(g % eps_u.size)
-            parts.append(absent)
-    for ci, (eps_set, parts) in missing.items():
-        n_cell = int(cell_u[ci])
-        todo = np.unique(np.concatenate(parts))
-        e_list = sorted(eps_set)
-        med = _cell_kappa(n_cell, eps_u[e_list], todo, draws, seed, step)  # (E', m)
-        for row, ei in enumerate(e_list):
-            tkey, have_c, have_v = table(ci * eps_u.size + ei)
-            all_c, first = np.unique(np.concatenate([have_c, todo]), return_index=True)
-            _KAPPA_CACHE[tkey] = (all_c, np.concatenate([have_v, med[row]])[first])
-    vals = np.empty(uniq.size)
-    for s, e in zip(starts, ends, strict=True):
-        _, have_c, have_v = table(int(u_group[s]))
-        vals[s:e] = have_v[np.searchsorted(have_c, u_code[s:e])]
-    out = vals[inv]
-    return out[: key.size], out[key.size :]
+    u_group, u_code, inv = _distinct_lookups(cell_i, eps_i, eps_u.size, codes)
+    bounds = np.flatnonzero(np.diff(u_group)) + 1  # u_group is sorted: groups are runs
+    runs = list(zip(np.r_[0, bounds], np.r_[bounds, u_code.size], strict=True))
+    groups = _Groups(cell_u, eps_u, draws, seed, step)
+    _simulate_missing(groups, _missing_codes(groups, u_group, u_code, runs))
+    out = _cached_values(groups, u_group, u_code, runs)[inv]
+    q = inv.size // 2
+    return out[:q], out[q:]
 
 
 def _n_cells(
@@ -144,6 +209,74 @@ def _n_cells(
     exact = (ni <= 64) | (ni == lo)
     lo, hi = np.where(exact, ni, lo), np.where(exact, ni, hi)
     return lo, hi, np.where(exact, 0.0, np.clip(t, 0.0, 1.0))
+
+
+def _seed_of(rng: np.random.Generator | int | None) -> int:
+    """The Monte Carlo seed: one draw from a generator, else the int itself (None: 0)."""
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(2**31))
+    return int(rng) if rng is not None else 0
+
+
+def _closed_form(
+    n_b: FloatArray, s_b: FloatArray, e_b: FloatArray
+) -> tuple[FloatArray, NDArray[np.bool_]]:
+    """Predictions that need no simulation, and the rows that need it.
+
+    Args:
+        n_b, s_b, e_b: n, |sigma| and eps broadcast to one shape ``S``.
+
+    Returns:
+        ``(out, todo)``, shape ``S`` each: ``out`` is 0 where eps >= 1, n where eps <= 0, and
+        NaN elsewhere (invalid rows, and the rows with 0 < eps < 1 flagged by ``todo``).
+    """
+    out = np.full(n_b.shape, np.nan)
+    valid = (n_b >= 1) & np.isfinite(n_b) & np.isfinite(s_b) & np.isfinite(e_b)
+    out[valid & (e_b >= 1)] = 0.0
+    out[valid & (e_b <= 0)] = n_b[valid & (e_b <= 0)]
+    todo = valid & (e_b > 0) & (e_b < 1)
+    return out, todo
+
+
+def _interpolated_k(
+    nn: FloatArray,
+    ss: FloatArray,
+    ee: FloatArray,
+    draws: int,
+    seed: int,
+    sigma_step: float,
+    n_per_octave: int | None,
+) -> FloatArray:
+    """Predicted k of valid rows with 0 < eps < 1, from the cached (n, sigma) grid cells.
+
+    Linear in sigma between the two sigma codes, then linear in log n between the two n cells.
+
+    Args:
+        nn: keys per row (>= 1), shape ``(r,)``.
+        ss: |sigma| per row, shape ``(r,)``.
+        ee: eps per row in (0, 1), shape ``(r,)``.
+        draws, seed, sigma_step, n_per_octave: as in :func:`k_pred_finite_n`.
+
+    Returns:
+        Shape ``(r,)``.
+    """
+    x = ss / sigma_step
+    c_lo = np.floor(x).astype(np.int64)
+    w_s = x - c_lo
+    n_lo, n_hi, w_n = _n_cells(nn, n_per_octave)
+    at_lo, at_hi = _kappa_lookup(
+        np.concatenate([n_lo, n_hi]),
+        np.concatenate([ee, ee]),
+        np.concatenate([c_lo, c_lo]),
+        draws,
+        seed,
+        sigma_step,
+    )
+    log_kappa = np.zeros(nn.size)
+    for half, weight in ((slice(0, nn.size), 1.0 - w_n), (slice(nn.size, None), w_n)):
+        kappa = (1.0 - w_s) * at_lo[half] + w_s * at_hi[half]  # linear in sigma
+        log_kappa += weight * np.log(kappa)  # then linear in log n
+    return nn * np.exp(log_kappa)
 
 
 def k_pred_finite_n(
@@ -187,38 +320,14 @@ def k_pred_finite_n(
         Predicted k (real-valued), broadcast shape; NaN where n < 1 or sigma/eps are not
         finite.
     """
-    if isinstance(rng, np.random.Generator):
-        seed = int(rng.integers(2**31))
-    else:
-        seed = int(rng) if rng is not None else 0
+    seed = _seed_of(rng)
     n_b, s_b, e_b = np.broadcast_arrays(
         np.asarray(n, dtype=np.float64),
         np.abs(np.asarray(sigma, dtype=np.float64)),
         np.asarray(eps, dtype=np.float64),
     )
-    out = np.full(n_b.shape, np.nan)
-    valid = (n_b >= 1) & np.isfinite(n_b) & np.isfinite(s_b) & np.isfinite(e_b)
-    out[valid & (e_b >= 1)] = 0.0
-    out[valid & (e_b <= 0)] = n_b[valid & (e_b <= 0)]
-    todo = valid & (e_b > 0) & (e_b < 1)
-    if not todo.any():
-        return out
-    nn, ss, ee = n_b[todo], s_b[todo], e_b[todo]
-    x = ss / sigma_step
-    c_lo = np.floor(x).astype(np.int64)
-    w_s = x - c_lo
-    n_lo, n_hi, w_n = _n_cells(nn, n_per_octave)
-    at_lo, at_hi = _kappa_lookup(
-        np.concatenate([n_lo, n_hi]),
-        np.concatenate([ee, ee]),
-        np.concatenate([c_lo, c_lo]),
-        draws,
-        seed,
-        sigma_step,
-    )
-    log_kappa = np.zeros(nn.size)
-    for half, weight in ((slice(0, nn.size), 1.0 - w_n), (slice(nn.size, None), w_n)):
-        kappa = (1.0 - w_s) * at_lo[half] + w_s * at_hi[half]  # linear in sigma
-        log_kappa += weight * np.log(kappa)  # then linear in log n
-    out[todo] = nn * np.exp(log_kappa)
+    out, todo = _closed_form(n_b, s_b, e_b)
+    if todo.any():
+        rows = n_b[todo], s_b[todo], e_b[todo]
+        out[todo] = _interpolated_k(*rows, draws, seed, sigma_step, n_per_octave)
     return out
