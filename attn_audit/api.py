@@ -91,31 +91,50 @@ def capture_length(
     """
     import torch
 
+    from attn_audit import distributed
     from attn_audit.accumulate import AccumulateConfig, Accumulator
-    from attn_audit.capture import capturing
-    from attn_audit.data import batches
-    from attn_audit.hooks import projection_hooks
 
     acc_cfg = AccumulateConfig(
-        eps=config.eps,
-        budgets=config.budgets,
-        sinks=config.sinks,
-        window=config.window,
-        min_keys=config.min_keys,
-        rows_per_sequence=None if config.exact else config.rows_per_sequence,
-        seed=config.seed,
+        eps=config.eps, budgets=config.budgets, sinks=config.sinks, window=config.window, min_keys=config.min_keys,
+        rows_per_sequence=None if config.exact else config.rows_per_sequence, seed=config.seed,
         reservoir_size=config.reservoir_size,
     )
     acc = Accumulator(info, data.seq_len, len(data.sequences), acc_cfg)
-    from attn_audit import distributed
-
-    device = next(model.parameters()).device
-    base = getattr(model, "base_model", model)
     size, rank = distributed.world()
     lo, hi = distributed.shard(len(data.sequences), size, rank)
     if size > 1:
         checkpoint = None  # checkpoints are for single-process runs
         progress = progress if rank == 0 else NullProgress()
+    _capture_shard(model, info["family"], data, lo, hi, config, pad_id, acc, progress, checkpoint, last)
+    if size > 1:
+        states = distributed.gather_states(acc.state())
+        if states is None:
+            return {}
+        with torch.inference_mode():  # the reservoir buffers were made in inference mode
+            for other in states[1:]:
+                acc.merge_state(other)
+    summary = acc.summary()
+    if len(summary["layers_seen"]) != info["num_layers"]:
+        raise CaptureError(
+            f"captured {len(summary['layers_seen'])} of {info['num_layers']} layers; this model does not "
+            "route every attention layer through the attention interface (see --list-families)"
+        )
+    return summary
+
+
+def _capture_shard(model: Any, family: str, data: TokenData, lo: int, hi: int, config: AuditConfig, pad_id: int,
+                   acc: Any, progress: Progress, checkpoint: Any, last: bool) -> None:
+    """Fold this rank's ``data.sequences[lo:hi]`` into ``acc`` in batches of (batch, pos) ids and masks, skipping
+    those a resumed checkpoint holds; save every ``checkpoint.every`` sequences and at the length's end unless it
+    ends the audit (``last``); progress in tokens; freed memory released after each batch."""
+    import torch
+
+    from attn_audit.capture import capturing
+    from attn_audit.data import batches
+    from attn_audit.hooks import projection_hooks
+
+    device = next(model.parameters()).device
+    base = getattr(model, "base_model", model)
     done = 0
     if checkpoint is not None:
         state = checkpoint.load(data.seq_len)
@@ -125,7 +144,7 @@ def capture_length(
     progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences[lo:hi]))
     progress.advance(sum(len(s) for s in data.sequences[lo:done]))
     since_save = 0
-    with torch.inference_mode(), capturing(model, acc), projection_hooks(model, info["family"], acc.on_projection):
+    with torch.inference_mode(), capturing(model, acc), projection_hooks(model, family, acc.on_projection):
         for local, ids, mask in batches(data.sequences[lo:hi], config.batch_size, pad_id):
             start = lo + local
             if start < done:
@@ -141,20 +160,6 @@ def capture_length(
                 checkpoint.save(data.seq_len, finished, acc.state())
                 since_save = 0
     progress.finish()
-    if size > 1:
-        states = distributed.gather_states(acc.state())
-        if states is None:
-            return {}
-        with torch.inference_mode():  # the reservoir buffers were made in inference mode
-            for other in states[1:]:
-                acc.merge_state(other)
-    summary = acc.summary()
-    if len(summary["layers_seen"]) != info["num_layers"]:
-        raise CaptureError(
-            f"captured {len(summary['layers_seen'])} of {info['num_layers']} layers; this model does not "
-            "route every attention layer through the attention interface (see --list-families)"
-        )
-    return summary
 
 
 def audit(

@@ -15,6 +15,7 @@ for the full plan as a comparison.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -137,52 +138,50 @@ def _compare(dense: list[torch.Tensor], sparse: list[torch.Tensor], masks: list[
     }
 
 
-def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], config: AuditConfig, pad_id: int) -> None:
-    """Fill ``result.data["verify"]`` by simulating the plan on ``held_out`` sequences."""
-    plan = result.data.get("plan") or []
-    causal = bool(result.model["causal"])
-    if not held_out:
-        result.data["verify"] = {"skipped_reason": "no held-out sequences were left after the audited ones"}
-        return
-    n = max(len(s) for s in held_out)
-    target = (result.data.get("plan_summary") or {}).get("target_len") or n
+def _plan_budgets(plan: list[dict[str, Any]], target: int,
+                  n: int) -> tuple[dict[tuple[int, int], int], list[tuple[int, int]]]:
+    """Keys kept per row by each plan head at length ``n`` (its ``k`` when the plan was made for ``n``, else
+    its key fraction ``kfrac`` of ``n``; at most ``n``), keyed by (layer, head), and the heads in plan order."""
     budgets: dict[tuple[int, int], int] = {}
     order: list[tuple[int, int]] = []
     for entry in plan:
         k = int(entry["k"]) if target == n else max(1, math.ceil(float(entry.get("kfrac") or 1.0) * n))
         budgets[(entry["layer"], entry["head"])] = min(k, n)
         order.append((entry["layer"], entry["head"]))
-    sinks = int(result.run.get("sinks", 1))
-    bs = config.batch_size
-    dense_app = _PlanApplier(budgets, "top-k", sinks, measure=True)
-    dense, masks = _model_pass(model, held_out, dense_app, bs, pad_id, causal)
+    return budgets, order
 
-    def probe(m: int, pattern: str = "top-k") -> dict[str, float]:
-        app = _PlanApplier({h: budgets[h] for h in order[:m]}, pattern, sinks, measure=False)
-        app.active = set(order[:m])
-        sparse, _ = _model_pass(model, held_out, app, bs, pad_id, causal)
-        return _compare(dense, sparse, masks, held_out, causal)
 
-    def cost(metrics: dict[str, float]) -> float:
-        return metrics["ppl_ratio"] - 1.0 if causal else 1.0 - metrics["hidden_cosine"]
+def _cost(metrics: dict[str, float], causal: bool) -> float:
+    """The quality a sparse pass lost: ppl_ratio - 1 (causal LMs) or 1 - hidden_cosine (encoders)."""
+    return metrics["ppl_ratio"] - 1.0 if causal else 1.0 - metrics["hidden_cosine"]
 
-    full = probe(len(order)) if order else ({"ppl_ratio": 1.0, "top1_agreement": 1.0} if causal else {"hidden_cosine": 1.0})
-    window = probe(len(order), "sink-window") if order else None
-    # bisection for the largest prefix within budget
-    lo, hi = 0, len(order)
-    probes = {len(order): full}
-    if order and cost(full) > config.max_ppl_increase:
+
+def _largest_prefix(probe: Callable[[int], dict[str, float]], full: dict[str, float], heads: int, causal: bool,
+                    max_increase: float) -> tuple[int, dict[int, dict[str, float]]]:
+    """The largest number of plan heads (a prefix of the ranking) whose cost stays within ``max_increase``,
+    found by bisection, and the metrics of every prefix size probed.
+
+    ``probe(m)`` measures the model with the first ``m`` heads sparse; ``full`` is ``probe(heads)``.
+    """
+    lo, hi = 0, heads
+    probes = {heads: full}
+    if heads and _cost(full, causal) > max_increase:
         while hi - lo > 1:
             mid = (lo + hi) // 2
             probes[mid] = probe(mid)
-            if cost(probes[mid]) <= config.max_ppl_increase:
+            if _cost(probes[mid], causal) <= max_increase:
                 lo = mid
             else:
                 hi = mid
         best = lo
     else:
-        best = len(order)
-    saving = sum(float(e.get("flops_saving_model") or 0.0) for e in plan[:best])
+        best = heads
+    return best, probes
+
+
+def _head_errors(dense_app: _PlanApplier, budgets: dict[tuple[int, int], int]) -> list[dict[str, Any]]:
+    """Per plan head, sorted by (layer, head): its budget and the mean and 99th percentile of the relative
+    output error and of the dropped tail mass over the valid rows of the dense (measuring) pass."""
     heads = []
     for (layer, head), errs in dense_app.errors.items():
         e = np.concatenate(errs)
@@ -193,6 +192,36 @@ def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], conf
             "tail_mass_mean": float(t.mean()), "tail_mass_p99": float(np.quantile(t, 0.99)),
         })
     heads.sort(key=lambda h: (h["layer"], h["head"]))
+    return heads
+
+
+def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], config: AuditConfig, pad_id: int) -> None:
+    """Fill ``result.data["verify"]`` by simulating the plan on ``held_out`` sequences."""
+    plan = result.data.get("plan") or []
+    causal = bool(result.model["causal"])
+    if not held_out:
+        result.data["verify"] = {"skipped_reason": "no held-out sequences were left after the audited ones"}
+        return
+    n = max(len(s) for s in held_out)
+    target = (result.data.get("plan_summary") or {}).get("target_len") or n
+    budgets, order = _plan_budgets(plan, target, n)
+    sinks = int(result.run.get("sinks", 1))
+    bs = config.batch_size
+    dense_app = _PlanApplier(budgets, "top-k", sinks, measure=True)
+    dense, masks = _model_pass(model, held_out, dense_app, bs, pad_id, causal)
+
+    def probe(m: int, pattern: str = "top-k") -> dict[str, float]:
+        """Model-wide metrics (vs the dense pass) with the plan's first ``m`` heads kept to ``pattern``."""
+        app = _PlanApplier({h: budgets[h] for h in order[:m]}, pattern, sinks, measure=False)
+        app.active = set(order[:m])
+        sparse, _ = _model_pass(model, held_out, app, bs, pad_id, causal)
+        return _compare(dense, sparse, masks, held_out, causal)
+
+    full = probe(len(order)) if order else ({"ppl_ratio": 1.0, "top1_agreement": 1.0} if causal else {"hidden_cosine": 1.0})
+    window = probe(len(order), "sink-window") if order else None
+    best, probes = _largest_prefix(probe, full, len(order), causal, config.max_ppl_increase)
+    saving = sum(float(e.get("flops_saving_model") or 0.0) for e in plan[:best])
+    heads = _head_errors(dense_app, budgets)
     result.data["verify"] = {
         "pattern": "top-k (exact per row, renormalised)",
         "sequences": len(held_out),
