@@ -139,7 +139,9 @@ def pairwise_stats(x: FloatArray, whitened: Whitened | None = None) -> PairwiseR
     # spread of either statistic), sums accumulate in float64.
     b2 = _hz_beta(m, p) ** 2
     cube, expo, dj = _pairwise_sums(y.astype(np.float32), b2)
-    b1 = cube / m**2
+    # b1 = ||sum_j y_j (x) y_j (x) y_j||^2 / m^2 >= 0; the float32 Gram sums can round a
+    # near-zero value below 0, whose cube root in mardia() would be complex.
+    b1 = max(cube / m**2, 0.0)
     term1 = expo / m**2
     term2 = 2 * (1 + b2) ** (-p / 2) * float(np.exp(-b2 / (2 * (1 + b2)) * dj).mean())
     term3 = (1 + 2 * b2) ** (-p / 2)
