@@ -4,39 +4,34 @@ Public API (importing this package does not import torch):
 
 - :func:`audit` (model, tokenizer, dataset, config) -> :class:`AuditResult`
 - :func:`run_audit` (model name, ...) loads the model and data, then audits
-- :class:`AuditConfig`, :class:`AuditResult`
+- :class:`AuditConfig` with its :class:`MeasureSpec`, :class:`AuditResult`
+- :func:`render` a result as terminal text, Markdown, HTML or JSON
 - :func:`assess_gaussianity` for your own (n, d) activations
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AuditConfig", "AuditResult", "assess_gaussianity", "audit", "run_audit", "__version__"]
+# public name -> module that defines it; imported on first use so `import attn_audit` (and
+# `attn-audit --load`) stay free of torch
+_LAZY = {
+    "audit": "attn_audit.api",
+    "run_audit": "attn_audit.api",
+    "AuditConfig": "attn_audit.config",
+    "MeasureSpec": "attn_audit.config",
+    "AuditResult": "attn_audit.result",
+    "render": "attn_audit.report",
+    "assess_gaussianity": "attn_audit.stats",
+}
+
+__all__ = [*sorted(_LAZY), "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy imports keep `import attn_audit` (and `--load`) free of torch.
-    if name == "audit":
-        from attn_audit.api import audit
-
-        return audit
-    if name == "run_audit":
-        from attn_audit.api import run_audit
-
-        return run_audit
-    if name == "AuditConfig":
-        from attn_audit.config import AuditConfig
-
-        return AuditConfig
-    if name == "AuditResult":
-        from attn_audit.result import AuditResult
-
-        return AuditResult
-    if name == "assess_gaussianity":
-        from attn_audit.stats import assess_gaussianity
-
-        return assess_gaussianity
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attn_audit' has no attribute {name!r}")

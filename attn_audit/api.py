@@ -1,165 +1,22 @@
 """The Python API: ``audit(model, tokenizer, dataset, config) -> AuditResult``.
 
-The CLI is a thin layer over :func:`run_audit`, which loads the model and the data and calls
-:func:`audit`. Orchestration only: capture (:mod:`capture`), reduction (:mod:`accumulate`),
-figures (:mod:`sparsity`, :mod:`stats`, :mod:`theory`), plan (:mod:`rank`).
+:func:`audit` is the pipeline, in order: data -> capture per length -> assemble -> rank and plan
+-> verify -> result. :func:`run_audit` loads the model first. The CLI is a thin layer over
+:func:`run_audit`.
 """
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 from attn_audit import __version__
 from attn_audit.config import AuditConfig
-from attn_audit.data import BUNDLED, DataSpec, TokenData, build_sequences
-from attn_audit.errors import CaptureError, ConfigError
+from attn_audit.data import DataSpec, TokenData, build_sequences, hash_sequences, pad_id
+from attn_audit.errors import ConfigError
+from attn_audit.progress import NullProgress, Progress
 from attn_audit.result import SCHEMA_VERSION, AuditResult
-
-
-class Progress(Protocol):
-    """Observer for long runs; the CLI attaches a rich progress bar, the API default is silent."""
-
-    def start(self, label: str, total_tokens: int) -> None: ...
-    def advance(self, tokens: int) -> None: ...
-    def finish(self) -> None: ...
-
-
-class NullProgress:
-    """Progress that reports nothing."""
-
-    def start(self, label: str, total_tokens: int) -> None:
-        pass
-
-    def advance(self, tokens: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import scipy
-    import torch
-    import transformers
-
-    out = {
-        "attn_audit": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-    }
-    try:
-        import datasets
-
-        out["datasets"] = datasets.__version__
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
-    return out
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def capture_length(
-    model: Any,
-    info: dict[str, Any],
-    data: TokenData,
-    config: AuditConfig,
-    pad_id: int,
-    progress: Progress,
-    checkpoint: Any = None,
-    last: bool = True,
-) -> dict[str, Any]:
-    """Run the model over one length's sequences and return the accumulator's summary.
-
-    With a :class:`attn_audit.checkpoint.Checkpointer`, the state is saved every ``every``
-    sequences and, when resuming, restored so that finished batches are skipped.
-    """
-    import torch
-
-    from attn_audit import distributed
-    from attn_audit.accumulate import AccumulateConfig, Accumulator
-
-    acc_cfg = AccumulateConfig(
-        eps=config.eps, budgets=config.budgets, sinks=config.sinks, window=config.window, min_keys=config.min_keys,
-        rows_per_sequence=None if config.exact else config.rows_per_sequence, seed=config.seed,
-        reservoir_size=config.reservoir_size,
-    )
-    acc = Accumulator(info, data.seq_len, len(data.sequences), acc_cfg)
-    size, rank = distributed.world()
-    lo, hi = distributed.shard(len(data.sequences), size, rank)
-    if size > 1:
-        checkpoint = None  # checkpoints are for single-process runs
-        progress = progress if rank == 0 else NullProgress()
-    _capture_shard(model, info["family"], data, lo, hi, config, pad_id, acc, progress, checkpoint, last)
-    if size > 1:
-        states = distributed.gather_states(acc.state())
-        if states is None:
-            return {}
-        with torch.inference_mode():  # the reservoir buffers were made in inference mode
-            for other in states[1:]:
-                acc.merge_state(other)
-    summary = acc.summary()
-    if len(summary["layers_seen"]) != info["num_layers"]:
-        raise CaptureError(
-            f"captured {len(summary['layers_seen'])} of {info['num_layers']} layers; this model does not "
-            "route every attention layer through the attention interface (see --list-families)"
-        )
-    return summary
-
-
-def _capture_shard(model: Any, family: str, data: TokenData, lo: int, hi: int, config: AuditConfig, pad_id: int,
-                   acc: Any, progress: Progress, checkpoint: Any, last: bool) -> None:
-    """Fold this rank's ``data.sequences[lo:hi]`` into ``acc`` in batches of (batch, pos) ids and masks, skipping
-    those a resumed checkpoint holds; save every ``checkpoint.every`` sequences and at the length's end unless it
-    ends the audit (``last``); progress in tokens; freed memory released after each batch."""
-    import torch
-
-    from attn_audit.capture import capturing
-    from attn_audit.data import batches
-    from attn_audit.hooks import projection_hooks
-
-    device = next(model.parameters()).device
-    base = getattr(model, "base_model", model)
-    done = 0
-    if checkpoint is not None:
-        state = checkpoint.load(data.seq_len)
-        if state is not None:
-            acc.load_state(state)
-            done = checkpoint.done(data.seq_len)
-    progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences[lo:hi]))
-    progress.advance(sum(len(s) for s in data.sequences[lo:done]))
-    since_save = 0
-    with torch.inference_mode(), capturing(model, acc), projection_hooks(model, family, acc.on_projection):
-        for local, ids, mask in batches(data.sequences[lo:hi], config.batch_size, pad_id):
-            start = lo + local
-            if start < done:
-                continue
-            acc.begin_batch(start, mask.to(device))
-            base(input_ids=ids.to(device), attention_mask=mask.to(device))
-            progress.advance(int(mask.sum()))
-            since_save += ids.shape[0]
-            finished = start + ids.shape[0]
-            _release_freed_memory()
-            at_end = finished == len(data.sequences)
-            if checkpoint is not None and not (at_end and last) and (since_save >= checkpoint.every or at_end):
-                checkpoint.save(data.seq_len, finished, acc.state())
-                since_save = 0
-    progress.finish()
 
 
 def audit(
@@ -172,11 +29,11 @@ def audit(
     name: str | None = None,
     info: dict[str, Any] | None = None,
     checkpoint: Any = None,
-) -> AuditResult:
+) -> AuditResult | None:
     """Audit an already-loaded model.
 
     Args:
-        model: a transformers model of a supported family (see ``--list-families``).
+        model: a transformers model whose attention runs through the attention interface.
         tokenizer: its tokenizer.
         dataset: a :class:`DataSpec`, a spec string (file, hub name, "bundled:fortunes"), or a
             list of texts; None means the bundled corpus.
@@ -184,27 +41,81 @@ def audit(
         progress: an observer for progress (default silent).
         name: the model name recorded in the result.
         info: the model block (as from :func:`attn_audit.load.model_info`); derived if None.
-        checkpoint: a :class:`attn_audit.checkpoint.Checkpointer` to save (and resume) progress.
+        checkpoint: a :class:`attn_audit.capture.Checkpointer` to save (and resume) progress.
 
     Returns:
-        The :class:`AuditResult` (also renderable and savable); under torchrun, None on ranks
-        other than 0 (rank 0 holds the merged result).
+        The :class:`AuditResult`. Under torchrun only rank 0 holds the merged result; the other
+        ranks return None.
     """
+    from attn_audit.assemble import assemble
+    from attn_audit.capture import capture_length, distributed, fingerprint
     from attn_audit.load import check_family, model_info
+    from attn_audit.provenance import run_block
+    from attn_audit.rank import PlanConfig, rank_and_plan
 
-    config = (config or AuditConfig()).validate()
+    config = config or AuditConfig()
     progress = progress or NullProgress()
     check_family(getattr(model.config, "text_config", None) or model.config)
     info = info or model_info(model, name or getattr(model.config, "_name_or_path", "model"), "object")
+    _check_length(config, info)
+    t0 = time.perf_counter()
+
+    # data: deterministic, non-overlapping sequences per length (+ held-out ones for verify)
+    all_data, spec = _sequences(dataset, tokenizer, config, info, vocab=getattr(model.config, "vocab_size", None))
+    pad = pad_id(tokenizer)
+    if checkpoint is not None:
+        from dataclasses import asdict
+
+        checkpoint.begin(fingerprint(info["name"], info["num_layers"], asdict(config), hash_sequences(all_data)))
+
+    # capture: one pass over each length's sequences (no checkpoint after the last batch of the
+    # last length: the audit is written next)
+    summaries = {
+        td.seq_len: capture_length(model, info, td, config, pad, progress, checkpoint, last=i == len(all_data) - 1)
+        for i, td in enumerate(all_data)
+    }
+    if distributed.world()[1] != 0:
+        return None  # only rank 0 assembles and writes
+    run = run_block(config, info, model, summaries, all_data, spec, time.perf_counter() - t0)
+
+    # assemble: per-head records; rank and plan
+    data = {"schema_version": SCHEMA_VERSION, "tool": {"name": "attn-audit", "version": __version__},
+            "model": info, "run": run}
+    weights = _projection_weights(model, info, run)
+    t1 = time.perf_counter()
+    result = assemble(data, summaries, config, weights=weights)
+    rank_and_plan(result, PlanConfig(target_len=config.target_len))
+    result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
+
+    # verify: the plan inside the model on held-out sequences
+    if config.verify:
+        from attn_audit.verify import verify_plan
+
+        verify_plan(model, result, all_data[-1].held_out, config, pad)
+    return result
+
+
+def _check_length(config: AuditConfig, info: dict[str, Any]) -> None:
     if info["max_positions"] and config.seq_len > info["max_positions"]:
         raise ConfigError(
             f"--seq-len {config.seq_len} exceeds the model's {info['max_positions']} positions; "
             f"use at most {info['max_positions']}"
         )
-    t0 = time.perf_counter()
-    spec, texts = _data_spec(dataset)
-    vocab = getattr(model.config, "vocab_size", None)
-    held = config.verify_sequences if config.verify else 0
+
+
+def _sequences(dataset: DataSpec | str | Sequence[str] | None, tokenizer: Any, config: AuditConfig,
+               info: dict[str, Any], vocab: int | None) -> tuple[list[TokenData], DataSpec]:
+    """Each length's token sequences and the dataset spec they came from."""
+    texts: list[str] | None = None
+    if dataset is None:
+        spec = DataSpec()
+    elif isinstance(dataset, DataSpec):
+        spec = dataset
+    elif isinstance(dataset, str):
+        spec = DataSpec(spec=dataset)
+    else:
+        spec = DataSpec(spec="<in-memory texts>")
+        texts = [t for t in dataset if isinstance(t, str) and t.strip()]
     all_data = build_sequences(
         spec,
         tokenizer,
@@ -213,146 +124,32 @@ def audit(
         config.seed,
         encoder=not info["causal"],
         vocab_size=vocab,
-        held_out=held,
+        held_out=config.verify_sequences if config.verify else 0,
         records=("text", texts) if texts is not None else None,
     )
-    pad_id = _pad_id(tokenizer)
-    if checkpoint is not None:
-        from dataclasses import asdict
+    return all_data, spec
 
-        from attn_audit.checkpoint import fingerprint
 
-        checkpoint.begin(fingerprint(info["name"], info["num_layers"], asdict(config), _hash_all(all_data)))
-    from attn_audit import distributed
-
-    summaries = {}
-    for i, td in enumerate(all_data):
-        # no checkpoint after the final batch of the final length: the audit is written next
-        summaries[td.seq_len] = capture_length(model, info, td, config, pad_id, progress, checkpoint,
-                                               last=i == len(all_data) - 1)
-    if distributed.world()[1] != 0:
-        return None  # type: ignore[return-value]  # only rank 0 assembles and writes
-    elapsed = time.perf_counter() - t0
-    from attn_audit.assemble import assemble
-
-    run = _run_block(config, info, model, summaries, all_data, spec, elapsed)
-    data = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "attn-audit", "version": __version__},
-        "model": info,
-        "run": run,
-    }
-    from attn_audit.hooks import projection_weights
+def _projection_weights(model: Any, info: dict[str, Any], run: dict[str, Any]) -> list[Any] | None:
+    """Per layer (W_Q, W_K) as numpy arrays where the family's projections are known (for the
+    weight-based R bounds); records the extra sites in ``run``."""
+    from attn_audit.capture import projection_weights
 
     w = projection_weights(model, info["family"])
-    weights = [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w] if w else None
-    if weights is not None:
-        run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
-    t1 = time.perf_counter()
-    result = assemble(data, summaries, config, weights=weights)
-    result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
-    if config.verify:
-        from attn_audit.verify import verify_plan
-
-        verify_plan(model, result, all_data[-1].held_out, config, pad_id)
-    return result
+    if not w:
+        return None
+    run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
+    return [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w]
 
 
-def _run_block(config: AuditConfig, info: dict[str, Any], model: Any, summaries: dict[int, dict[str, Any]],
-               all_data: list[TokenData], spec: DataSpec, elapsed: float) -> dict[str, Any]:
-    """The ``run`` block of audit.json: the configuration, the rows and sites measured, the
-    dataset and the capture's timing."""
-    spec_text = spec.spec
-    primary = max(summaries)
-    tokens = sum(sum(len(s) for s in td.sequences) for td in all_data)
-    return {
-        "seq_len": primary,
-        "seq_lens": list(config.seq_lens),
-        "num_sequences": len(all_data[-1].sequences),
-        "eps": list(config.eps),
-        "eps_keys": list(config.eps_keys),
-        "min_keys": config.min_keys,
-        "rows": "sampled" if summaries[primary]["rows_sampled"] else "all",
-        "rows_per_sequence": summaries[primary]["rows_per_sequence"],
-        "seed": config.seed,
-        "budgets": list(config.budgets),
-        "sinks": config.sinks,
-        "window": config.window,
-        "batch_size": config.batch_size,
-        "device": str(next(model.parameters()).device),
-        "sites": ["q", "k"],
-        "capture_point": (
-            "post-RoPE, before repeat_kv (transformers AttentionInterface)"
-            if info["rope"]
-            else "attention kernel input, before repeat_kv (transformers AttentionInterface; no RoPE)"
-        ),
-        "reservoir_size": config.reservoir_size,
-        "versions": _versions(),
-        "dataset": {
-            "spec": spec_text,
-            "kind": all_data[0].kind,
-            "split": spec.split if spec_text not in (BUNDLED, "<in-memory texts>") else None,
-            "text_column": spec.text_column,
-            "documents": all_data[0].documents,
-            "tokens": tokens,
-            "token_hash": _hash_all(all_data),
-        },
-        "elapsed_s": round(elapsed, 3),
-        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
-        "nonfinite_rows": int(sum(s["nonfinite_rows"].sum() for s in summaries.values())),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+def _resolve_device(device: str) -> str:
+    import torch
 
-
-def _data_spec(dataset: DataSpec | str | Sequence[str] | None) -> tuple[DataSpec, list[str] | None]:
-    if dataset is None:
-        return DataSpec(), None
-    if isinstance(dataset, DataSpec):
-        return dataset, None
-    if isinstance(dataset, str):
-        return DataSpec(spec=dataset), None
-    texts = [t for t in dataset if isinstance(t, str) and t.strip()]
-    return DataSpec(spec="<in-memory texts>"), texts
-
-
-def _release_freed_memory() -> None:
-    """Return freed heap pages to the OS after each batch (glibc only).
-
-    The per-block score tensors have many sizes; glibc's allocator otherwise keeps the freed
-    space as fragments and the resident size creeps up with the number of batches.
-    """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - probe for glibc
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "sep_token_id"):
-        tid = getattr(tokenizer, attr, None)
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
-def _hash_all(all_data: list[TokenData]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for td in all_data:
-        h.update(td.token_hash().encode())
-    return h.hexdigest()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+    return device
 
 
 def run_audit(
@@ -367,14 +164,14 @@ def run_audit(
     progress: Progress | None = None,
     checkpoint: Any = None,
     device_map: str | None = None,
-) -> AuditResult:
-    """Load ``model_name`` (alias, hub id, local directory or .gguf) and audit it."""
+) -> AuditResult | None:
+    """Load ``model_name`` (alias, hub id, local directory or .gguf) and audit it; None on
+    torchrun ranks other than 0."""
+    from attn_audit.capture import distributed
     from attn_audit.load import load_model
 
-    config = (config or AuditConfig()).validate()
+    config = config or AuditConfig()
     device = _resolve_device(config.device)
-    from attn_audit import distributed
-
     size, rank = distributed.init_from_env(device)
     if size > 1 and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{rank % max(1, __import__('torch').cuda.device_count())}"

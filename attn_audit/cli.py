@@ -124,27 +124,29 @@ def _formats(text: str) -> list[str]:
 
 
 def _config(ns: argparse.Namespace) -> Any:
-    from attn_audit.config import AuditConfig, parse_eps, parse_int_list
+    from attn_audit.config import AuditConfig, MeasureSpec, parse_eps, parse_int_list
 
+    measure = MeasureSpec(
+        eps=parse_eps(ns.eps),
+        budgets=parse_int_list(ns.budgets, "--budgets"),
+        sinks=ns.sinks,
+        window=ns.window,
+        min_keys=ns.min_keys,
+        rows_per_sequence=None if ns.exact else ns.rows_per_sequence,
+    )
     return AuditConfig(
         seq_lens=parse_int_list(ns.seq_len, "--seq-len"),
         num_sequences=ns.num_sequences,
         batch_size=ns.batch_size,
         seed=ns.seed,
-        eps_keys=parse_eps(ns.eps),
-        min_keys=ns.min_keys,
-        exact=ns.exact,
-        rows_per_sequence=ns.rows_per_sequence,
-        budgets=parse_int_list(ns.budgets, "--budgets"),
-        sinks=ns.sinks,
-        window=ns.window,
+        measure=measure,
         reservoir_size=ns.reservoir_size,
         device=ns.device,
         target_len=ns.target_len,
         verify=ns.verify,
         max_ppl_increase=ns.max_ppl_increase,
         verify_sequences=ns.verify_sequences,
-    ).validate()
+    )
 
 
 def _list_models() -> str:
@@ -225,17 +227,17 @@ def _main(ns: argparse.Namespace) -> int:
     else:
         result = _run(ns, config, out if writes_files else None)
         if result is None:  # a torchrun rank other than 0: rank 0 writes everything
-            from attn_audit.distributed import shutdown
+            from attn_audit.capture.distributed import shutdown
 
             shutdown()
             return 0
     code = _finish(ns, result, formats, checks, exports, out)
     if not ns.load and writes_files:
-        from attn_audit.checkpoint import Checkpointer
+        from attn_audit.capture.checkpoint import Checkpointer
 
         Checkpointer(out).clear()
     if not ns.load:
-        from attn_audit.distributed import shutdown
+        from attn_audit.capture.distributed import shutdown
 
         shutdown()
     return code
@@ -243,7 +245,7 @@ def _main(ns: argparse.Namespace) -> int:
 
 def _run(ns: argparse.Namespace, config: Any, out: Path | None) -> Any:
     from attn_audit.api import run_audit
-    from attn_audit.checkpoint import Checkpointer
+    from attn_audit.capture.checkpoint import Checkpointer
     from attn_audit.data import DataSpec
     from attn_audit.progress import RichProgress
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,61 +14,118 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
+PRIMARY_EPS = 0.05
+
+
+def primary_eps_index(eps: Sequence[float]) -> int:
+    """Index of the eps that ranks heads and sizes plans: 0.05 when audited, else the middle one."""
+    for i, e in enumerate(eps):
+        if math.isclose(float(e), PRIMARY_EPS):
+            return i
+    return len(eps) // 2
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """What is measured on every query row: one object, built once from the options, validated
+    here, and passed unchanged to the accumulator and the row kernels.
+
+    eps: tail-mass levels in (0, 1). Strings are kept as written (``"0.050"``) as the keys of
+        ``heads[].sparsity`` in audit.json; floats get their shortest repr. Everything else
+        addresses eps by index into this tuple.
+    budgets: top-k budgets for the tail mass.
+    sinks: leading key positions treated as attention sinks (0 allowed).
+    window: local window; key j is local for a query at q if ``q - window < j <= q``.
+    min_keys: rows with fewer allowed keys are left out of the aggregates.
+    rows_per_sequence: query rows sampled per sequence; None measures every row (``--exact``).
+    """
+
+    eps: tuple[float, ...] = (0.01, 0.05, 0.1)
+    budgets: tuple[int, ...] = (16, 64, 256)
+    sinks: int = 1
+    window: int = 64
+    min_keys: int = 16
+    rows_per_sequence: int | None = 256
+    eps_keys: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        raw = tuple(self.eps)
+        if not raw:
+            raise ConfigError("--eps is empty; give values like 0.01,0.05,0.1")
+        keys = tuple(e.strip() if isinstance(e, str) else repr(float(e)) for e in raw)
+        values = []
+        for k in keys:
+            try:
+                v = float(k)
+            except ValueError:
+                raise ConfigError(f"--eps {k!r} is not a number; use values like 0.01,0.05,0.1") from None
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"--eps {k} is outside (0, 1); use values like 0.01,0.05,0.1")
+            values.append(v)
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--eps lists a value twice: {','.join(keys)}")
+        object.__setattr__(self, "eps", tuple(values))
+        object.__setattr__(self, "eps_keys", keys)
+        object.__setattr__(self, "budgets", tuple(int(b) for b in self.budgets))
+        for b in self.budgets:
+            if b < 1:
+                raise ConfigError(f"--budgets {b} must be a positive number of keys")
+        checks = [
+            (self.min_keys >= 1, f"--min-keys {self.min_keys} must be at least 1"),
+            (self.rows_per_sequence is None or self.rows_per_sequence >= 1,
+             f"--rows-per-sequence {self.rows_per_sequence} must be at least 1"),
+            (self.sinks >= 0, f"--sinks {self.sinks} must be 0 or more"),
+            (self.window >= 0, f"--window {self.window} must be 0 or more"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    @property
+    def exact(self) -> bool:
+        """Every query row is measured."""
+        return self.rows_per_sequence is None
+
+    @property
+    def primary_eps(self) -> int:
+        """Index of the primary eps (:func:`primary_eps_index`)."""
+        return primary_eps_index(self.eps)
+
+
 @dataclass(frozen=True)
 class AuditConfig:
-    """Everything an audit needs besides the model and the data.
-
-    ``eps_keys`` keeps the eps values as the user wrote them; they key ``sparsity`` in audit.json.
-    """
+    """Everything an audit needs besides the model and the data; validated on construction."""
 
     seq_lens: tuple[int, ...] = (512,)
     num_sequences: int = 16
     batch_size: int = 4
     seed: int = 0
-    eps_keys: tuple[str, ...] = ("0.01", "0.05", "0.1")
-    min_keys: int = 16
-    exact: bool = False
-    rows_per_sequence: int = 256
-    budgets: tuple[int, ...] = (16, 64, 256)
-    sinks: int = 1
-    window: int = 64
+    measure: MeasureSpec = field(default_factory=MeasureSpec)
     reservoir_size: int = 2048
     device: str = "cpu"
     target_len: int | None = None
     verify: bool = False
     max_ppl_increase: float = 0.01
     verify_sequences: int = 4
-    extra: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def eps(self) -> tuple[float, ...]:
-        return tuple(float(e) for e in self.eps_keys)
 
     @property
     def seq_len(self) -> int:
         """The primary length (the longest), whose figures fill ``heads[].sparsity``."""
         return max(self.seq_lens)
 
-    def validate(self) -> AuditConfig:
-        """Raise :class:`ConfigError` on the first bad value; return self."""
+    def __post_init__(self) -> None:
+        """Raise :class:`ConfigError` on the first bad value."""
+        object.__setattr__(self, "seq_lens", tuple(int(n) for n in self.seq_lens))
+        if not self.seq_lens:
+            raise ConfigError("--seq-len is empty; give at least one length (e.g. 512)")
         for n in self.seq_lens:
             if n < 2:
                 raise ConfigError(f"--seq-len {n} is too short; use at least 2 tokens (e.g. 512)")
         if len(set(self.seq_lens)) != len(self.seq_lens):
             raise ConfigError(f"--seq-len lists a length twice: {','.join(map(str, self.seq_lens))}")
-        for e in self.eps:
-            if not 0.0 < e < 1.0:
-                raise ConfigError(f"--eps {e} is outside (0, 1); use values like 0.01,0.05,0.1")
-        for b in self.budgets:
-            if b < 1:
-                raise ConfigError(f"--budgets {b} must be a positive number of keys")
         checks = [
             (self.num_sequences >= 1, f"--num-sequences {self.num_sequences} must be at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
-            (self.min_keys >= 1, f"--min-keys {self.min_keys} must be at least 1"),
-            (self.rows_per_sequence >= 1, f"--rows-per-sequence {self.rows_per_sequence} must be at least 1"),
-            (self.sinks >= 0, f"--sinks {self.sinks} must be 0 or more"),
-            (self.window >= 0, f"--window {self.window} must be 0 or more"),
             (self.reservoir_size >= 16, f"--reservoir-size {self.reservoir_size} must be at least 16"),
             (0.0 < self.max_ppl_increase < 10.0, f"--max-ppl-increase {self.max_ppl_increase} must be in (0, 10)"),
             (self.target_len is None or self.target_len >= 2, f"--target-len {self.target_len} must be at least 2"),
@@ -77,7 +136,6 @@ class AuditConfig:
                 raise ConfigError(msg)
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"--device {self.device} is not one of cpu, cuda, cuda:N, auto")
-        return self
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
@@ -92,20 +150,9 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def parse_eps(text: str) -> tuple[str, ...]:
-    """Parse "0.01,0.05" keeping each value as written (it keys audit.json)."""
-    keys = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not keys:
-        raise ConfigError("--eps is empty; give values like 0.01,0.05,0.1")
-    for k in keys:
-        try:
-            v = float(k)
-        except ValueError:
-            raise ConfigError(f"--eps {k!r} is not a number; use values like 0.01,0.05,0.1") from None
-        if not 0.0 < v < 1.0:
-            raise ConfigError(f"--eps {k} is outside (0, 1); use values like 0.01,0.05,0.1")
-    if len(set(float(k) for k in keys)) != len(keys):
-        raise ConfigError(f"--eps lists a value twice: {text}")
-    return keys
+    """Split "0.01,0.05" keeping each value as written (they key audit.json); validated by
+    :class:`MeasureSpec`."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def check_out_dir(out: Path, *, force: bool, resume: bool) -> None:

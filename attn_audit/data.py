@@ -276,3 +276,22 @@ def batches(sequences: Sequence[list[int]], batch_size: int, pad_id: int) -> Ite
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
         yield start, ids, mask
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad, else its EOS, else its SEP, else 0."""
+    for attr in ("pad_token_id", "eos_token_id", "sep_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def hash_sequences(all_data: list[TokenData]) -> str:
+    """sha256 over the token hashes of every length's sequences (the audited ids, in order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for td in all_data:
+        h.update(td.token_hash().encode())
+    return h.hexdigest()

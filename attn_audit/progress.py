@@ -1,9 +1,33 @@
-"""A rich progress bar (tokens/s, ETA) on stderr, implementing :class:`attn_audit.api.Progress`."""
+"""Progress of long runs: the observer protocol, a silent default and a rich progress bar
+(tokens/s, ETA) on stderr."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Protocol
+
+
+class Progress(Protocol):
+    """Observer for long runs; the CLI attaches a rich progress bar, the API default is silent."""
+
+    def start(self, label: str, total_tokens: int) -> None: ...
+    def advance(self, tokens: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    """Progress that reports nothing."""
+
+    def start(self, label: str, total_tokens: int) -> None:
+        pass
+
+    def advance(self, tokens: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
 
 
 class RichProgress:
@@ -19,8 +43,14 @@ class RichProgress:
         if not self.enabled:
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         console = Console(file=sys.stderr, no_color=self.no_color)
         self._progress = Progress(

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attn_audit.config import primary_eps_index
 from attn_audit.errors import ResultFileError
 
 SCHEMA_VERSION = 1
@@ -133,10 +134,7 @@ class AuditResult:
     def primary_eps_key(self) -> str:
         """The eps used for ranking and plans: 0.05 when audited, else the middle one."""
         keys: list[str] = self.run["eps_keys"]
-        for key in keys:
-            if math.isclose(float(key), 0.05):
-                return key
-        return keys[len(keys) // 2]
+        return keys[primary_eps_index([float(k) for k in keys])]
 
     @property
     def rows_measured(self) -> int:
@@ -195,9 +193,3 @@ class AuditResult:
                 f"{p} is not valid JSON (line {exc.lineno}); it may be truncated or corrupt, re-run the audit"
             ) from None
         return cls.from_dict(data, source=str(p))
-
-    def render(self, fmt: str, **options: Any) -> str:
-        """Render this result with the named renderer ("terminal", "md", "html", "json")."""
-        from attn_audit.report import get_renderer
-
-        return get_renderer(fmt).render(self, **options)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attn_audit.capture import AttentionCall, capturing, scores
+from attn_audit.capture.interface import AttentionCall, capturing, scores
 from attn_audit.config import AuditConfig
 from attn_audit.data import batches
 from attn_audit.result import AuditResult

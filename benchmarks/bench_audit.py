@@ -68,8 +68,8 @@ def _softmax_floor():  # type: ignore[no-untyped-def]
     import numpy as np
     import torch
 
+    from attn_audit.rows.cpu_stages import _exp_neg
     from attn_audit.rows import RowMetrics
-    from attn_audit.rows_cpu_stages import _exp_neg
 
     @numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
     def softmax_rows(x, q_pos, per_head, causal, w, mass, n_keys):  # type: ignore[no-untyped-def]
@@ -113,16 +113,16 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
         floor: bool = False) -> dict:
     import torch
 
-    from attn_audit.api import NullProgress, audit
-    from attn_audit.config import AuditConfig
+    from attn_audit.api import audit
+    from attn_audit.config import AuditConfig, MeasureSpec
+    from attn_audit.progress import NullProgress
     from attn_audit.data import DataSpec, batches, build_sequences
     from attn_audit.load import load_model
-
-    from attn_audit.rows import RowSpec, row_metrics
+    from attn_audit.rows import row_metrics
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    row_metrics(torch.randn(1, 4, 8), torch.arange(4) + 4, RowSpec(eps=(0.1,)))  # numba JIT / cache load
+    row_metrics(torch.randn(1, 4, 8), torch.arange(4) + 4, MeasureSpec(eps=(0.1,)))  # numba JIT / cache load
     jit = time.perf_counter() - t0
     lm = load_model("smollm2-135m-instruct", device=device)
     (td,) = build_sequences(DataSpec(), lm.tokenizer, [seq_len], sequences, 0)
@@ -147,13 +147,13 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
     if skip_forward:
         with torch.inference_mode():
             base(input_ids=torch.tensor([td.sequences[0][:16]], device=device))
-    from attn_audit.api import _release_freed_memory
+    from attn_audit.capture.loop import release_freed_memory
 
-    _release_freed_memory()
+    release_freed_memory()
     rss_loaded = _rss_mb()
     _reset_peak()
-    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size, exact=True,
-                      device=device)
+    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size,
+                      measure=MeasureSpec(rows_per_sequence=None), device=device)
     t0 = time.perf_counter()
     res = audit(lm.model, lm.tokenizer, DataSpec(), cfg, info=lm.info, progress=NullProgress())
     if device.startswith("cuda"):
@@ -172,12 +172,12 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
             for _, ids, mask in batches(td.sequences, batch_size, 0):
                 lm.model(input_ids=ids.to(device), attention_mask=mask.to(device))
         lm_fwd = time.perf_counter() - t0
-        import attn_audit.accumulate as accumulate
-        from attn_audit.api import capture_length
+        import attn_audit.capture.accumulate as accumulate
+        from attn_audit.capture import capture_length
 
         real, accumulate.row_metrics = accumulate.row_metrics, _softmax_floor()
         try:
-            accumulate.row_metrics(torch.randn(1, 4, 8), torch.arange(4) + 4, cfg)  # compile
+            accumulate.row_metrics(torch.randn(1, 4, 8), torch.arange(4) + 4, cfg.measure)  # compile
             t0 = time.perf_counter()
             capture_length(lm.model, lm.info, td, cfg, 0, NullProgress())
             floor_s = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Benchmark of attn_audit.rows.row_metrics against a sort-based reference and a plain
+"""Benchmark of attn_audit.rows.dispatch.row_metrics against a sort-based reference and a plain
 softmax of the same scores.
 
 Run:  python benchmarks/bench_rows.py [--reps N] [--threads T] [--quick]
@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from attn_audit.rows import RowSpec, reference_row_metrics, row_metrics  # noqa: E402
+from attn_audit.config import MeasureSpec  # noqa: E402
+from attn_audit.rows import reference_row_metrics, row_metrics  # noqa: E402
 
 
 def make_scores(
@@ -61,9 +62,9 @@ def best_of(fn: Callable[[], object], reps: int) -> float:
     return best
 
 
-def fallback_share(sc: torch.Tensor, qp: torch.Tensor, spec: RowSpec) -> float:
+def fallback_share(sc: torch.Tensor, qp: torch.Tensor, spec: MeasureSpec) -> float:
     """Fraction of rows the CPU kernel hands back to the sort-based reference (rounding margin)."""
-    from attn_audit.rows_cpu import rows_kernel
+    from attn_audit.rows.cpu import rows_kernel
 
     g, r, n = sc.shape
     out = rows_kernel(sc.reshape(g * r, n).numpy(), qp.numpy(), r, spec.eps, spec.budgets,
@@ -84,7 +85,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    spec = RowSpec(eps=(0.01, 0.05, 0.1))
+    spec = MeasureSpec(eps=(0.01, 0.05, 0.1))
     print(
         f"{'shape (G,R,n)':>17} {'s':>2} {'softmax':>8} {'sort':>8} {'reference':>10}"
         f" {'cpu':>8} {'x softmax':>9} {'torch':>8} {'fallback':>8}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_audit.capture import CAPTURE_IMPL, attention_probs, capturing
+from attn_audit.capture.interface import CAPTURE_IMPL, attention_probs, capturing
 from tests.conftest import tiny_model
 
 
@@ -111,7 +111,7 @@ def test_capture_restores_implementation_on_error():
 def _exact_accumulator_outputs(model, ids: torch.Tensor, mask: torch.Tensor):
     """Last hidden states of a forward whose attention outputs come from the exact accumulator
     (weights written by the row kernel, then weights @ V), and how many layers it replaced."""
-    from attn_audit.accumulate import AccumulateConfig, Accumulator
+    from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
     from attn_audit.load import model_info
 
     info = model_info(model, "tiny", "test")
@@ -158,7 +158,7 @@ def test_exact_audit_outputs_equal_smollm2s_own(smollm2):
 def test_scores_into_a_reused_buffer_are_the_same_bits(scaling):
     """The accumulator writes each block's scores into one reused buffer: the values must be
     those of a fresh product, in that buffer, and a buffer of the wrong shape is refused."""
-    from attn_audit.capture import AttentionCall, scores
+    from attn_audit.capture.interface import AttentionCall, scores
 
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 6, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
@@ -178,7 +178,7 @@ def test_scores_into_a_reused_buffer_are_the_same_bits(scaling):
 def test_softcapped_logits_and_eager_output():
     """With a soft-cap (Gemma-2 style), the scores are cap * tanh(s / cap) and the capture
     computes the layer output itself (eager): check both against the formula."""
-    from attn_audit.capture import AttentionCall, _eager, scores
+    from attn_audit.capture.interface import AttentionCall, _eager, scores
 
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, h, 12, 8, generator=g) * 3 for h in (4, 2, 2))

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from attn_audit.data import BUNDLED, DataSpec, bundled_texts, build_sequences, fortunes_dir
+from attn_audit.data import (
+    BUNDLED,
+    DataSpec,
+    build_sequences,
+    bundled_texts,
+    fortunes_dir,
+)
 from attn_audit.errors import DatasetError
 
 

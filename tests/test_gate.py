@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from attn_audit import gate
 from attn_audit.errors import ConfigError, ExitCode
-from attn_audit.gate import METRICS, BoolOp, Compare, Not, decide, load_policy, metrics, parse
+from attn_audit.gate import (
+    METRICS,
+    BoolOp,
+    Compare,
+    Not,
+    decide,
+    load_policy,
+    metrics,
+    parse,
+)
 from attn_audit.rank import rank_and_plan
 from attn_audit.result import AuditResult
 from tests.synthetic import make_result

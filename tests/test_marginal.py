@@ -1,4 +1,4 @@
-"""Tests of the vectorized evaluation (attn_audit.marginal, .normality_tests, .whitening,
+"""Tests of the vectorized evaluation (attn_audit.stats.marginal, .normality_tests, .whitening,
 .henze_zirkler), batch API.
 
 The statistics themselves are tested in test_stats.py; these tests check that the fast paths
@@ -15,10 +15,15 @@ import pytest
 from scipy import special as spc
 from scipy import stats as sps
 
-from attn_audit import henze_zirkler, whitening
-from attn_audit.marginal import coordinate_stats, coordinate_stats_many
-from attn_audit.normality_tests import bh_adjust, bh_adjust_rows, shapiro_wilk
-from attn_audit.stats import GaussianityThresholds, assess_gaussianity, assess_gaussianity_batch
+from attn_audit.stats import henze_zirkler, whitening
+from attn_audit.stats.assess import (
+    GaussianityThresholds,
+    assess_gaussianity,
+    assess_gaussianity_batch,
+)
+from attn_audit.stats.marginal import coordinate_stats, coordinate_stats_many
+from attn_audit.stats import bh_adjust, bh_adjust_rows
+from attn_audit.stats.normality_tests import shapiro_wilk
 
 
 @pytest.mark.parametrize("n", [8, 9, 11, 12, 50, 513, 2040])

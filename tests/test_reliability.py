@@ -128,7 +128,7 @@ def test_same_inputs_and_seed_give_the_same_audit(tmp_path, reference_run):
 
 
 def test_resume_refuses_a_different_run(tmp_path):
-    from attn_audit.checkpoint import Checkpointer
+    from attn_audit.capture.checkpoint import Checkpointer
     from attn_audit.errors import ConfigError
 
     c = Checkpointer(tmp_path, resume=False)

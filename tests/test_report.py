@@ -126,7 +126,7 @@ def test_unknown_format_lists_the_known_ones() -> None:
 
 def test_render_through_the_result() -> None:
     result = make_result()
-    assert result.render("json") == result.to_json()
+    assert render(result, "json") == result.to_json()
     assert result.render("md") == get_renderer("md").render(result)
 
 
@@ -225,7 +225,7 @@ def test_verdict_letters_agree_with_the_ranking() -> None:
     result.heads[len(cases)]["gaussianity"] = {}
     assert [head_letter(h) for h in result.heads[: len(cases)]] == [c[1] for c in cases]
     assert head_letter(result.heads[len(cases)]) == "-"
-    # "not-assessed" (what attn_audit.assemble writes for a too-small sample) is missing from
+    # "not-assessed" (what attn_audit.assemble.records writes for a too-small sample) is missing from
     # attn_audit.rank.SKIPPED_VERDICTS, so the ranking counts it as non-Gaussian; compare the
     # rule on the other heads only.
     del result.heads[2]
@@ -447,7 +447,7 @@ def test_html_sections_follow_the_data() -> None:
 
 
 def _pipeline_shaped() -> AuditResult:
-    """The field names the real pipeline writes (see attn_audit.stats / rank / assemble)."""
+    """The field names the real pipeline writes (see attn_audit.stats.assess / rank / assemble)."""
     result = make_result(plan=True, theory=True, gate="fail")
     for rec in result.heads:
         for block in rec["gaussianity"].values():

@@ -1,4 +1,4 @@
-"""attn_audit.rows: the per-row sparsity kernel against its brute-force float64 reference.
+"""attn_audit.rows.dispatch: the per-row sparsity kernel against its brute-force float64 reference.
 
 The integers (n_keys, k_eps, k_eps_sinks) must be identical to the reference; the float
 fields must agree to 1e-6.  Hypothesis drives random shapes, score scales (very peaked to
@@ -19,8 +19,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attn_audit import rows as rows_mod
-from attn_audit.rows import RowMetrics, RowSpec, reference_row_metrics, row_metrics
+from attn_audit.config import MeasureSpec
+from attn_audit.rows import dispatch as rows_mod
+from attn_audit.rows import RowMetrics, reference_row_metrics, row_metrics
 
 NINF = float("-inf")
 BACKENDS = ["cpu", "torch"]  # the compiled CPU kernel and the vectorised torch kernel
@@ -108,11 +109,11 @@ cases = st.fixed_dictionaries(
 )
 
 
-def build(c: dict) -> tuple[torch.Tensor, torch.Tensor, RowSpec]:
+def build(c: dict) -> tuple[torch.Tensor, torch.Tensor, MeasureSpec]:
     s, q = make_scores(
         c["seed"], c["g"], c["r"], c["n"], c["kind"], c["scale"], c["mask"], c["sink_boost"]
     )
-    spec = RowSpec(
+    spec = MeasureSpec(
         eps=tuple(c["eps"]), budgets=tuple(c["budgets"]), sinks=c["sinks"], window=c["window"]
     )
     return s, q, spec
@@ -226,7 +227,7 @@ def test_key_permutation_invariance(c: dict, pseed: int, backend: str) -> None:
 def test_uniform_rows(n: int, backend: str) -> None:
     """Exactly uniform rows: k = ceil((1 - eps) n) up to the reference's float64 rounding."""
     eps = (0.01, 0.05, 0.1, 0.2, 0.25, 0.5, 0.3, 0.7, 0.9)
-    spec = RowSpec(eps=eps, budgets=(1, 16, 256), sinks=1, window=4)
+    spec = MeasureSpec(eps=eps, budgets=(1, 16, 256), sinks=1, window=4)
     s = torch.full((2, 3, n), 1.5)
     q = torch.arange(3) + n
     m = row_metrics(s, q, spec, backend=backend)
@@ -246,7 +247,7 @@ def test_one_hot_rows(gap: float, backend: str) -> None:
     n = 500
     s = torch.zeros(1, 4, n)
     s[0, torch.arange(4), torch.tensor([0, 7, 250, 499])] = gap
-    spec = RowSpec(eps=(0.001, 0.01, 0.5), budgets=(1, 2, 300), sinks=1)
+    spec = MeasureSpec(eps=(0.001, 0.01, 0.5), budgets=(1, 2, 300), sinks=1)
     m = row_metrics(s, torch.arange(4) + 600, spec, backend=backend)
     assert (m.k_eps == 1).all()
     assert_matches(m, reference_row_metrics(s, torch.arange(4) + 600, spec))
@@ -261,7 +262,7 @@ def test_single_key_and_empty_rows(backend: str) -> None:
     s[0, 0, 3] = 2.0
     s[1, 2, 0] = -5.0
     s[1, 1, 1:3] = torch.tensor([0.5, 0.5])
-    spec = RowSpec(eps=(0.05, 0.5), budgets=(1, 4))
+    spec = MeasureSpec(eps=(0.05, 0.5), budgets=(1, 4))
     m = row_metrics(s, torch.arange(3) + 5, spec, backend=backend)
     ref = reference_row_metrics(s, torch.arange(3) + 5, spec)
     assert_matches(m, ref)
@@ -277,7 +278,7 @@ def test_single_key_and_empty_rows(backend: str) -> None:
 def test_fallback_path_equals_reference(backend: str) -> None:
     """The exact sort-based fallback (used for ambiguous rows) is the reference itself."""
     s, q = make_scores(3, 2, 30, 200, "ties", 1.0, "causal", 2.0)
-    spec = RowSpec(eps=(0.01, 0.1, 0.5), budgets=(4, 64))
+    spec = MeasureSpec(eps=(0.01, 0.1, 0.5), budgets=(4, 64))
     a = row_metrics(s, q, spec, _force_fallback=True, backend=backend)
     assert_matches(a, reference_row_metrics(s, q, spec))
 
@@ -287,24 +288,24 @@ def test_fallback_path_equals_reference(backend: str) -> None:
 def test_other_dtypes(dtype: torch.dtype, backend: str) -> None:
     s, q = make_scores(5, 2, 25, 150, "qk", 1.5, "causal", 4.0)
     s = s.to(dtype)
-    spec = RowSpec(eps=(0.01, 0.05, 0.1))
+    spec = MeasureSpec(eps=(0.01, 0.05, 0.1))
     assert_matches(row_metrics(s, q, spec, backend=backend), reference_row_metrics(s, q, spec))
 
 
 def test_argument_checks() -> None:
     with pytest.raises(ValueError):
-        RowSpec(eps=(0.0,))
+        MeasureSpec(eps=(0.0,))
     with pytest.raises(ValueError):
-        RowSpec(eps=(0.1,), budgets=(0,))
+        MeasureSpec(eps=(0.1,), budgets=(0,))
     with pytest.raises(ValueError):
-        row_metrics(torch.zeros(2, 3), torch.arange(2), RowSpec(eps=(0.1,)))
+        row_metrics(torch.zeros(2, 3), torch.arange(2), MeasureSpec(eps=(0.1,)))
     with pytest.raises(ValueError):
-        row_metrics(torch.zeros(1, 2, 3), torch.arange(3), RowSpec(eps=(0.1,)))
+        row_metrics(torch.zeros(1, 2, 3), torch.arange(3), MeasureSpec(eps=(0.1,)))
 
 
 @by_backend
 def test_zero_sized_inputs(backend: str) -> None:
-    spec = RowSpec(eps=(0.1,), budgets=(2,))
+    spec = MeasureSpec(eps=(0.1,), budgets=(2,))
     m = row_metrics(torch.zeros(2, 0, 5), torch.zeros(0, dtype=torch.int64), spec, backend=backend)
     assert m.k_eps.shape == (2, 0, 1) and m.tail_mass.shape == (2, 0, 1)
     m = row_metrics(torch.zeros(1, 3, 0), torch.arange(3), spec, backend=backend)
@@ -317,7 +318,7 @@ def test_no_eps_only_budgets(backend: str, sinks: int) -> None:
     """With no eps (only tail masses asked for) and several sinks, the kernels still run and
     agree with the reference (the torch kernel once failed to reshape its empty targets)."""
     s, q = realistic_block(3, 12, 40, seed=5)
-    spec = RowSpec(eps=(), budgets=(4, 16), sinks=sinks)
+    spec = MeasureSpec(eps=(), budgets=(4, 16), sinks=sinks)
     got, ref = row_metrics(s, q, spec, backend=backend), reference_row_metrics(s, q, spec)
     assert got.k_eps.shape == got.k_eps_sinks.shape == (3, 12, 0)
     torch.testing.assert_close(got.tail_mass, ref.tail_mass, rtol=0, atol=1e-9)
@@ -347,7 +348,7 @@ def realistic_block(
 @by_backend
 def test_large_realistic_block_exact(backend: str) -> None:
     s, q = realistic_block(9, 512, 2048)
-    spec = RowSpec(eps=(0.01, 0.05, 0.1, 0.2))
+    spec = MeasureSpec(eps=(0.01, 0.05, 0.1, 0.2))
     fast = row_metrics(s, q, spec, backend=backend)
     ref = reference_row_metrics(s, q, spec)
     assert_matches(fast, ref)
@@ -355,7 +356,7 @@ def test_large_realistic_block_exact(backend: str) -> None:
 
 def test_workspace_reuse_and_chunking_do_not_change_results() -> None:
     s, q = realistic_block(4, 64, 700, seed=1)
-    spec = RowSpec(eps=(0.01, 0.1), budgets=(16, 64))
+    spec = MeasureSpec(eps=(0.01, 0.1), budgets=(16, 64))
     a = row_metrics(s, q, spec, backend="torch")
     rows_mod.clear_workspace()
     b = row_metrics(s, q, spec, chunk_elems=3000, backend="torch")
@@ -374,7 +375,7 @@ def test_weights_out_are_the_softmax(backend: str) -> None:
     """weights_out / mass is the softmax of the scores (the fused attention output uses it)."""
     s, q = make_scores(7, 3, 40, 120, "qk", 2.0, "causal_pad", 5.0)
     s[1, 3] = NINF  # a row without allowed keys
-    spec = RowSpec(eps=(0.05,))
+    spec = MeasureSpec(eps=(0.05,))
     w = torch.full_like(s, 7.0)
     m = row_metrics(s, q, spec, backend=backend, weights_out=w)
     ref = torch.softmax(s.double(), dim=-1).nan_to_num(0.0)
@@ -408,7 +409,7 @@ def test_cpu_kernel_uses_512_bit_vectors_on_avx512_hosts() -> None:
     up once per process."""
     code = (
         "import llvmlite.binding as llvm\n"
-        "import attn_audit.rows_cpu\n"
+        "import attn_audit.rows.cpu\n"
         "from numba.core.registry import cpu_target\n"
         "feats = cpu_target.target_context.codegen()._tm_features  # what LLVM was given\n"
         "host = llvm.get_host_cpu_features()\n"
@@ -435,11 +436,11 @@ def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
     code = (
         "import torch\n"
-        "from attn_audit.rows import RowSpec, reference_row_metrics, row_metrics\n"
-        "from attn_audit.rows_cpu import _rows\n"
+        "from attn_audit.rows.dispatch import MeasureSpec, reference_row_metrics, row_metrics\n"
+        "from attn_audit.rows.cpu import _rows\n"
         "s = torch.randn(2, 40, 300, generator=torch.Generator().manual_seed(0)) * 3\n"
         "q = torch.arange(260, 300)\n"
-        "spec = RowSpec(eps=(0.05,), budgets=(16,))\n"
+        "spec = MeasureSpec(eps=(0.05,), budgets=(16,))\n"
         "got, ref = row_metrics(s, q, spec), reference_row_metrics(s, q, spec)\n"
         "assert torch.equal(got.k_eps, ref.k_eps)\n"
         "print(sum(_rows.stats.cache_hits.values()), sum(_rows.stats.cache_misses.values()))\n"
@@ -463,7 +464,7 @@ def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
 def test_kernel_sources_digest_without_readable_sources(monkeypatch) -> None:
     """The cache digest reads the stage sources; where they cannot be read (a zip import, a
     frozen build) the kernel must still import and run, keyed on its own file only."""
-    from attn_audit import rows_cpu
+    from attn_audit.rows import cpu as rows_cpu
 
     assert rows_cpu._sources_digest() > 0
 

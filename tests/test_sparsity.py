@@ -1,4 +1,4 @@
-"""Per-head sparsity aggregates (attn_audit.sparsity): bootstrap intervals over sequences."""
+"""Per-head sparsity aggregates (attn_audit.assemble.sparsity): bootstrap intervals over sequences."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from attn_audit.sparsity import bootstrap_ratio
+from attn_audit.assemble.sparsity import bootstrap_ratio
 
 
 def _reference(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Tests of attn_audit.stats / attn_audit.mvn: known answers, p-value calibration, verdicts.
+"""Tests of attn_audit.stats.assess / attn_audit.mvn: known answers, p-value calibration, verdicts.
 
 The calibration tests at the bottom are the acceptance criterion of the Gaussianity issue:
 exact normal data must almost never be called non-Gaussian, Student-t(4) and skewed data
@@ -21,20 +21,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from attn_audit import distributions, henze_zirkler, mardia, whitening
+from attn_audit.stats import distributions, henze_zirkler, mardia, whitening
 from attn_audit.stats import (
     TESTS,
     VERDICTS,
     GaussianityResult,
     GaussianityThresholds,
-    anderson_pvalue,
     assess_gaussianity,
     bh_adjust,
     bh_adjust_joint,
     coordinate_stats,
-    lilliefors_null_quantile,
-    lilliefors_pvalue,
 )
+from attn_audit.stats.normality_tests import anderson_pvalue, lilliefors_null_quantile, lilliefors_pvalue
 
 # --------------------------------------------------------------------------- generators
 
@@ -470,12 +468,12 @@ def test_calibration_null_small_samples(calibration: dict, n: int, d: int) -> No
 
 def test_pure_analysis_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, attn_audit.stats, attn_audit.mvn, attn_audit.theory\n"
-        "import attn_audit.distributions, attn_audit.henze_zirkler, attn_audit.mardia, attn_audit.whitening\n"
-        "import attn_audit.finite_n, attn_audit.norm_bound, attn_audit.predict, attn_audit.rank_correlation\n"
-        "import attn_audit.gaussianity_rules, attn_audit.gaussianity_verdict, attn_audit.scaling\n"
-        "import attn_audit.simulated_rows, attn_audit.assemble, attn_audit.assemble_gaussianity\n"
-        "import attn_audit.assemble_theory\n"
+        "import sys, attn_audit.stats.assess, attn_audit.mvn, attn_audit.theory\n"
+        "import attn_audit.stats.distributions, attn_audit.stats.henze_zirkler, attn_audit.stats.mardia, attn_audit.stats.whitening\n"
+        "import attn_audit.theory.finite_n, attn_audit.theory.norm_bound, attn_audit.theory.predict, attn_audit.theory.correlation\n"
+        "import attn_audit.stats.rules, attn_audit.stats.verdict, attn_audit.theory.scaling\n"
+        "import attn_audit.theory.simulation, attn_audit.assemble.records, attn_audit.assemble.gaussianity\n"
+        "import attn_audit.assemble.theory\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not bad, bad\n"
     )
@@ -532,13 +530,13 @@ def test_audit_statistics_do_not_import_scipy_stats() -> None:
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "import attn_audit.api, attn_audit.assemble, attn_audit.stats, attn_audit.theory, attn_audit.mvn\n"
-        "import attn_audit.distributions, attn_audit.henze_zirkler, attn_audit.mardia, attn_audit.whitening\n"
-        "import attn_audit.finite_n, attn_audit.norm_bound, attn_audit.predict, attn_audit.rank_correlation\n"
-        "import attn_audit.gaussianity_rules, attn_audit.gaussianity_verdict, attn_audit.scaling\n"
-        "import attn_audit.simulated_rows, attn_audit.assemble_gaussianity\n"
-        "from attn_audit.assemble_theory import theory_block, theory_blocks\n"
-        "from attn_audit.stats import assess_gaussianity\n"
+        "import attn_audit.api, attn_audit.assemble.records, attn_audit.stats.assess, attn_audit.theory, attn_audit.mvn\n"
+        "import attn_audit.stats.distributions, attn_audit.stats.henze_zirkler, attn_audit.stats.mardia, attn_audit.stats.whitening\n"
+        "import attn_audit.theory.finite_n, attn_audit.theory.norm_bound, attn_audit.theory.predict, attn_audit.theory.correlation\n"
+        "import attn_audit.stats.rules, attn_audit.stats.verdict, attn_audit.theory.scaling\n"
+        "import attn_audit.theory.simulation, attn_audit.assemble.gaussianity\n"
+        "from attn_audit.assemble.theory import theory_block, theory_blocks\n"
+        "from attn_audit.stats.assess import assess_gaussianity\n"
         "rng = np.random.default_rng(0)\n"
         "assess_gaussianity(rng.standard_t(5, size=(300, 6)))\n"
         "names = ['n_keys', 'bulk_std', 'bulk_mass', 'sink_mass', 'valid', 'k_eps@0.05']\n"

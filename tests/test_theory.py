@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from attn_audit.finite_n import k_pred_finite_n
-from attn_audit.norm_bound import RVariants, r_variants
-from attn_audit.predict import k_pred_plain, k_pred_sink_aware, large_sigma_regime
-from attn_audit.rank_correlation import spearman_with_ci
-from attn_audit.scaling import fit_scaling
+from attn_audit.theory.correlation import spearman_with_ci
+from attn_audit.theory.finite_n import k_pred_finite_n
+from attn_audit.theory.norm_bound import RVariants, r_variants
+from attn_audit.theory.predict import (
+    k_pred_plain,
+    k_pred_sink_aware,
+    large_sigma_regime,
+)
+from attn_audit.theory.scaling import fit_scaling
 
 
 def _measured_k_eps(logits: np.ndarray, eps: float) -> np.ndarray:
@@ -212,7 +216,7 @@ def test_k_eps_columns_matches_cumsum_reference_bit_for_bit(
     tiles (few checkpoints allowed), several passes of columns, sigma 0 (uniform row) and
     sigma large enough that the tail underflows.
     """
-    from attn_audit import simulated_rows
+    from attn_audit.theory import simulation as simulated_rows
 
     rng = np.random.default_rng(4)
     eps = np.array([0.01, 0.05, 0.1, 0.5])
@@ -229,7 +233,8 @@ def test_k_eps_columns_matches_cumsum_reference_bit_for_bit(
 def test_k_pred_finite_n_cache_and_batching_do_not_change_values() -> None:
     """Predictions depend on (n, sigma, eps, draws, seed) only: not on the cache or on which
     rows are predicted together (so one batched call equals many small ones)."""
-    from attn_audit import finite_n, simulated_rows
+    from attn_audit.theory import finite_n
+    from attn_audit.theory import simulation as simulated_rows
 
     rng = np.random.default_rng(6)
     n = rng.choice([2, 30, 64, 65, 700, 1024, 3000], size=300).astype(float)
@@ -247,7 +252,7 @@ def test_k_pred_finite_n_cache_and_batching_do_not_change_values() -> None:
 
 
 def test_r_variants_heads_equals_per_head() -> None:
-    from attn_audit.norm_bound import r_variants_heads
+    from attn_audit.theory.norm_bound import r_variants_heads
 
     rng = np.random.default_rng(3)
     wq = rng.standard_normal((5, 8, 40)).astype(np.float32)
@@ -262,7 +267,7 @@ def test_r_variants_heads_equals_per_head() -> None:
 
 
 def test_spearman_ci_resampled_ranks_equal_rankdata() -> None:
-    from attn_audit.rank_correlation import _resampled_ranks
+    from attn_audit.theory.correlation import _resampled_ranks
 
     rng = np.random.default_rng(8)
     for values in (rng.normal(size=40), np.round(rng.normal(size=40), 1), np.ones(5)):
@@ -273,7 +278,7 @@ def test_spearman_ci_resampled_ranks_equal_rankdata() -> None:
 
 def test_theory_blocks_equal_per_head_theory_block() -> None:
     """The batched assemble path gives the per-head blocks exactly (dict order included)."""
-    from attn_audit.assemble_theory import theory_block, theory_blocks
+    from attn_audit.assemble.theory import theory_block, theory_blocks
 
     names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid"]
     names += ["k_eps@0.01", "k_eps@0.05", "k_eps@0.1"]
@@ -304,8 +309,8 @@ def test_theory_blocks_equal_per_head_theory_block() -> None:
 
 def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
     """The normal law and average ranks computed without scipy.stats equal its values."""
-    from attn_audit.distributions import _norm_ppf, _norm_sf
-    from attn_audit.rank_correlation import average_ranks
+    from attn_audit.stats.distributions import _norm_ppf, _norm_sf
+    from attn_audit.theory.correlation import average_ranks
 
     rng = np.random.default_rng(12)
     edges = [0.0, 1.0, -0.1, 1.1, np.nan, np.inf, -np.inf, 5e-324, 1e-300, 0.5, 1 - 2**-53]
@@ -334,8 +339,8 @@ def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
 
 def test_theory_block_spearman_equals_scipy_spearmanr(monkeypatch: pytest.MonkeyPatch) -> None:
     """theory_block / theory_blocks rank without scipy.stats and get spearmanr's rho exactly."""
-    from attn_audit import finite_n
-    from attn_audit.assemble_theory import theory_block, theory_blocks
+    from attn_audit.assemble.theory import theory_block, theory_blocks
+    from attn_audit.theory import finite_n
 
     def fake_finite_n(n, sigma, eps, **_):  # type: ignore[no-untyped-def]
         k = np.round(np.asarray(sigma, dtype=np.float64) * 5) + 1  # tied predictions

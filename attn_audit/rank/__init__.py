@@ -61,7 +61,12 @@ The names below are the public API.
 
 from __future__ import annotations
 
-from attn_audit.rank.flops import attention_flops, flops_saving, kept_pairs, sparse_flops
+from attn_audit.rank.flops import (
+    attention_flops,
+    flops_saving,
+    kept_pairs,
+    sparse_flops,
+)
 from attn_audit.rank.groups import GROUP_RULE
 from attn_audit.rank.head_facts import (
     SKIPPED_VERDICTS,

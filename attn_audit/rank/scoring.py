@@ -14,7 +14,12 @@ from typing import Any
 
 from attn_audit.rank.budget import _budget, _unstable_across_lengths
 from attn_audit.rank.flops import flops_saving
-from attn_audit.rank.head_facts import _num, distant_mass, is_non_gaussian, is_sink_saturated
+from attn_audit.rank.head_facts import (
+    _num,
+    distant_mass,
+    is_non_gaussian,
+    is_sink_saturated,
+)
 from attn_audit.rank.settings import RISK_FLAGS, PlanConfig, RankWeights, _context, _Ctx
 from attn_audit.result import AuditResult
 

@@ -35,6 +35,7 @@ __all__ = [
     "for_path",
     "get_renderer",
     "headline",
+    "render",
     "verdict_line",
 ]
 
@@ -90,6 +91,11 @@ def get_renderer(name: str) -> Renderer:
     cls = getattr(importlib.import_module(module_name), class_name)
     renderer: Renderer = cls()
     return renderer
+
+
+def render(result: AuditResult, fmt: str, **options: Any) -> str:
+    """``result`` rendered in format ``fmt`` ("terminal", "md", "html", "json")."""
+    return get_renderer(fmt).render(result, **options)
 
 
 def file_name(fmt: str) -> str:

@@ -36,7 +36,11 @@ from typing import TYPE_CHECKING, Any
 from attn_audit.report.headlines import headline
 from attn_audit.report.html_curves import curves_section, scaling_section
 from attn_audit.report.html_heatmaps import heatmaps_section
-from attn_audit.report.html_overview import gate_section, provenance_footer, summary_section
+from attn_audit.report.html_overview import (
+    gate_section,
+    provenance_footer,
+    summary_section,
+)
 from attn_audit.report.html_page import Page, e
 from attn_audit.report.html_plan import groups_section, plan_section, verify_section
 from attn_audit.report.html_theory import qq_section, theory_section

@@ -11,7 +11,13 @@ import re
 from typing import TYPE_CHECKING
 
 from attn_audit.report.formatting import fmt_num
-from attn_audit.report.headlines import NOT_RUN, gate_counts, gate_state, headline, left_out
+from attn_audit.report.headlines import (
+    NOT_RUN,
+    gate_counts,
+    gate_state,
+    headline,
+    left_out,
+)
 from attn_audit.report.html_page import Page, e, table, td
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ def _qq_points(block: dict[str, Any]) -> tuple[list[list[float]], bool]:
     """QQ pairs of one site and whether they are Mahalanobis/chi-square points.
 
     Accepts ``qq`` as [[theoretical, observed], ...] or the ``qq_chi2`` / ``qq_empirical`` arrays
-    that attn_audit.stats writes; pairs with a missing (null) value are dropped.
+    that attn_audit.stats.assess writes; pairs with a missing (null) value are dropped.
     """
     if isinstance(block.get("qq"), list):
         raw = [p for p in block["qq"] if isinstance(p, (list, tuple)) and len(p) >= 2]

@@ -22,7 +22,13 @@ from attn_audit.report.formatting import (
     short_reason,
     sparsity_at,
 )
-from attn_audit.report.headlines import failed_checks, gate_state, headline, left_out, theory_lines
+from attn_audit.report.headlines import (
+    failed_checks,
+    gate_state,
+    headline,
+    left_out,
+    theory_lines,
+)
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult

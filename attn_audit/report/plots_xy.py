@@ -17,7 +17,14 @@ import matplotlib
 from matplotlib.colors import Normalize
 from matplotlib.ticker import NullFormatter, NullLocator
 
-from attn_audit.report.plots import PALETTE, PLAIN_TICKS, RC, new_figure, safe_text, svg_text
+from attn_audit.report.plots import (
+    PALETTE,
+    PLAIN_TICKS,
+    RC,
+    new_figure,
+    safe_text,
+    svg_text,
+)
 
 __all__ = ["Series", "line_panels", "qq_grid", "scaling_figure", "scatter_pred"]
 

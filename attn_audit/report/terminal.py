@@ -32,7 +32,12 @@ from attn_audit.report.formatting import (
     short_reason,
     sparsity_at,
 )
-from attn_audit.report.headlines import failed_checks, headline, theory_lines, verdict_line
+from attn_audit.report.headlines import (
+    failed_checks,
+    headline,
+    theory_lines,
+    verdict_line,
+)
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult

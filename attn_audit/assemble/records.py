@@ -1,0 +1,87 @@
+"""Turn the streamed summaries into the head records of the result (numpy only, no torch).
+
+Per head: sparsity, R (logit range and norm bounds), Gaussianity of the Q/K reservoir samples,
+the Gaussian-predicted k. Ranking and planning come after, in :mod:`attn_audit.rank`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from attn_audit.assemble.gaussianity import add_gaussianity
+from attn_audit.assemble.sparsity import head_sparsity
+from attn_audit.assemble.theory import (
+    add_scaling,
+    add_theory,
+    add_weight_bounds,
+    theory_summary,
+)
+from attn_audit.config import AuditConfig
+from attn_audit.result import AuditResult, finite_or_none
+
+
+def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config: AuditConfig,
+             weights: list[tuple[np.ndarray, np.ndarray]] | None = None) -> AuditResult:
+    """Fill ``heads`` and ``theory_summary`` of ``data`` from per-length summaries.
+
+    Args:
+        weights: per layer (W_Q, W_K) as (out, in) numpy arrays, for the weight-based R variants
+            (RoPE families with separate projections); None leaves them out.
+    """
+    info = data["model"]
+    L, H, Hkv = info["num_layers"], info["num_heads"], info["num_kv_heads"]
+    group = H // Hkv
+    eps_keys = list(config.measure.eps_keys)
+    primary = config.seq_len
+    s = summaries[primary]
+    per_length = {n: head_sparsity(summ, eps_keys, seed=config.seed) for n, summ in summaries.items()}
+    rows = s["seq_rows"].sum(0).astype(float)  # (L, H)
+    heads: list[dict[str, Any]] = []
+    for l in range(L):
+        for h in range(H):
+            g = h // group
+            r = rows[l, h]
+
+            def mean(x: np.ndarray) -> float | None:
+                return float(x / r) if r > 0 else None
+
+            rec: dict[str, Any] = {
+                "layer": l,
+                "head": h,
+                "kv_head": g,
+                "sparsity": per_length[primary][(l, h)],
+                "tail_mass": {str(b): mean(s["tail"][l, h, i]) for i, b in enumerate(config.measure.budgets)},
+                "entropy_mean": mean(s["sums"]["entropy"][l, h]),
+                "participation_mean": mean(s["sums"]["participation"][l, h]),
+                "sink_mass_mean": mean(s["sums"]["sink_mass"][l, h]),
+                "local_mass_mean": mean(s["sums"]["local_mass"][l, h]),
+                "bulk_mass_mean": mean(s["sums"]["bulk_mass"][l, h]),
+                "nonfinite_rows": int(s["nonfinite_rows"][l, h]),
+                "R": {
+                    "logit_range": finite_or_none(s["max_abs_score"][l, h]),
+                    "qk_bound": finite_or_none(s["scale"][l] * s["max_q_norm"][l, h] * s["max_k_norm"][l, g]),
+                    "max_q_norm": finite_or_none(s["max_q_norm"][l, h]),
+                    "max_k_norm": finite_or_none(s["max_k_norm"][l, g]),
+                    "scale": finite_or_none(s["scale"][l]),
+                },
+                "flags": [],
+                "score": None,
+                "rank": None,
+            }
+            if rec["R"]["logit_range"] and rec["R"]["qk_bound"]:
+                rec["R"]["looseness"] = rec["R"]["qk_bound"] / rec["R"]["logit_range"]
+            if len(summaries) > 1:
+                rec["by_length"] = {str(n): {"sparsity": per_length[n][(l, h)]} for n in sorted(summaries)}
+            heads.append(rec)
+    data["heads"] = heads
+    add_gaussianity(heads, s, config, group)
+    add_theory(heads, s, config, group)
+    if weights is not None:
+        add_weight_bounds(heads, s, weights, info)
+    if len(summaries) > 1:
+        add_scaling(heads, summaries, config)
+    data["theory_summary"] = theory_summary(heads, config)
+    data["ranking"] = []  # filled by attn_audit.rank; keeps the key's place in audit.json
+    return AuditResult(data=data)

@@ -1,0 +1,27 @@
+"""Stage ``capture``: run the model and reduce every layer's attention call as it happens.
+
+``interface`` registers a function in transformers' attention interface that sees each layer's
+query, key and value (post-RoPE, before GQA's ``repeat_kv``) and the mask; ``hooks`` adds the
+pre-RoPE projections where the family's modules are known; ``accumulate`` folds each call into
+fixed-size per-head state (``totals``: running row metrics, ``reservoir``: bounded, mergeable
+samples); ``loop`` runs the batches of one length with ``checkpoint`` (resume) and
+``distributed`` (torchrun shards).
+"""
+
+from __future__ import annotations
+
+from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
+from attn_audit.capture.checkpoint import Checkpointer, fingerprint
+from attn_audit.capture.hooks import projection_hooks, projection_weights
+from attn_audit.capture.interface import (
+    AttentionCall,
+    attention_probs,
+    capturing,
+    scores,
+)
+from attn_audit.capture.loop import capture_length
+
+__all__ = [
+    "AccumulateConfig", "Accumulator", "AttentionCall", "Checkpointer", "attention_probs", "capture_length",
+    "capturing", "fingerprint", "projection_hooks", "projection_weights", "scores",
+]  # fmt: skip

@@ -1,0 +1,115 @@
+"""The batch loop of one length: run the model over the sequences with the capture installed,
+fold every layer's attention call into an :class:`Accumulator`, save and resume checkpoints,
+shard the sequences over torchrun ranks and gather the ranks' states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attn_audit.capture import distributed
+from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
+from attn_audit.capture.hooks import projection_hooks
+from attn_audit.capture.interface import capturing
+from attn_audit.config import AuditConfig
+from attn_audit.data import TokenData, batches
+from attn_audit.errors import CaptureError
+from attn_audit.progress import NullProgress, Progress
+
+
+def capture_length(
+    model: Any,
+    info: dict[str, Any],
+    data: TokenData,
+    config: AuditConfig,
+    pad_id: int,
+    progress: Progress,
+    checkpoint: Any = None,
+    last: bool = True,
+) -> dict[str, Any]:
+    """Run the model over one length's sequences and return the accumulator's summary.
+
+    With a :class:`attn_audit.capture.checkpoint.Checkpointer`, the state is saved every ``every``
+    sequences and, when resuming, restored so that finished batches are skipped.
+    """
+
+    acc_cfg = AccumulateConfig(measure=config.measure, seed=config.seed, reservoir_size=config.reservoir_size)
+    acc = Accumulator(info, data.seq_len, len(data.sequences), acc_cfg)
+    size, rank = distributed.world()
+    lo, hi = distributed.shard(len(data.sequences), size, rank)
+    if size > 1:
+        checkpoint = None  # checkpoints are for single-process runs
+        progress = progress if rank == 0 else NullProgress()
+    _capture_shard(model, info["family"], data, lo, hi, config, pad_id, acc, progress, checkpoint, last)
+    if size > 1:
+        states = distributed.gather_states(acc.state())
+        if states is None:
+            return {}
+        with torch.inference_mode():  # the reservoir buffers were made in inference mode
+            for other in states[1:]:
+                acc.merge_state(other)
+    summary = acc.summary()
+    if len(summary["layers_seen"]) != info["num_layers"]:
+        raise CaptureError(
+            f"captured {len(summary['layers_seen'])} of {info['num_layers']} layers; this model does not "
+            "route every attention layer through the attention interface (see --list-families)"
+        )
+    return summary
+
+
+def _capture_shard(model: Any, family: str, data: TokenData, lo: int, hi: int, config: AuditConfig, pad_id: int,
+                   acc: Any, progress: Progress, checkpoint: Any, last: bool) -> None:
+    """Fold this rank's ``data.sequences[lo:hi]`` into ``acc`` in batches of (batch, pos) ids and masks, skipping
+    those a resumed checkpoint holds; save every ``checkpoint.every`` sequences and at the length's end unless it
+    ends the audit (``last``); progress in tokens; freed memory released after each batch."""
+    device = next(model.parameters()).device
+    base = getattr(model, "base_model", model)
+    done = 0
+    if checkpoint is not None:
+        state = checkpoint.load(data.seq_len)
+        if state is not None:
+            acc.load_state(state)
+            done = checkpoint.done(data.seq_len)
+    progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences[lo:hi]))
+    progress.advance(sum(len(s) for s in data.sequences[lo:done]))
+    since_save = 0
+    with torch.inference_mode(), capturing(model, acc), projection_hooks(model, family, acc.on_projection):
+        for local, ids, mask in batches(data.sequences[lo:hi], config.batch_size, pad_id):
+            start = lo + local
+            if start < done:
+                continue
+            acc.begin_batch(start, mask.to(device))
+            base(input_ids=ids.to(device), attention_mask=mask.to(device))
+            progress.advance(int(mask.sum()))
+            since_save += ids.shape[0]
+            finished = start + ids.shape[0]
+            release_freed_memory()
+            at_end = finished == len(data.sequences)
+            if checkpoint is not None and not (at_end and last) and (since_save >= checkpoint.every or at_end):
+                checkpoint.save(data.seq_len, finished, acc.state())
+                since_save = 0
+    progress.finish()
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS after each batch (glibc only).
+
+    The per-block score tensors have many sizes; glibc's allocator otherwise keeps the freed
+    space as fragments and the resident size creeps up with the number of batches.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - probe for glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
