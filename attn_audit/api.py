@@ -95,6 +95,18 @@ def audit(
     return result
 
 
+def load_audit(path: str, *, target_len: int | None = None) -> AuditResult:
+    """Read a saved audit.json (no torch). With ``target_len``, rank and plan again for that
+    deployment length; a file without a plan is planned with the default settings. This and
+    :func:`audit` are the only places that plan; exporters and reports read the plan."""
+    from attn_audit.rank import PlanConfig, rank_and_plan
+
+    result = AuditResult.load(path)
+    if target_len is not None or "plan" not in result.data or "plan_summary" not in result.data:
+        rank_and_plan(result, PlanConfig(target_len=target_len))
+    return result
+
+
 def _check_length(config: AuditConfig, info: dict[str, Any]) -> None:
     if info["max_positions"] and config.seq_len > info["max_positions"]:
         raise ConfigError(

@@ -214,16 +214,11 @@ def _main(ns: argparse.Namespace) -> int:
     if writes_files:
         check_out_dir(out, force=ns.force or bool(ns.load), resume=ns.resume)
     # ---- run or load ----
-    from attn_audit.result import AuditResult
 
     if ns.load:
-        result = AuditResult.load(ns.load)
-        from attn_audit.rank import PlanConfig, ensure_plan, rank_and_plan
+        from attn_audit.api import load_audit
 
-        if ns.target_len:  # re-plan for another deployment length
-            rank_and_plan(result, PlanConfig(target_len=ns.target_len))
-        else:
-            ensure_plan(result, PlanConfig())
+        result = load_audit(ns.load, target_len=ns.target_len or None)
     else:
         result = _run(ns, config, out if writes_files else None)
         if result is None:  # a torchrun rank other than 0: rank 0 writes everything

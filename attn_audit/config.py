@@ -11,7 +11,6 @@ from pathlib import Path
 from attn_audit.errors import ConfigError
 
 DEVICES = ("cpu", "cuda", "auto")
-DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
 PRIMARY_EPS = 0.05

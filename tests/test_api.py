@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from attn_audit import AuditConfig, AuditResult, audit
+from attn_audit import AuditConfig, AuditResult, audit, render
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -131,11 +131,12 @@ def test_duo_missing_masses_keep_full_attention() -> None:
     assert float(tsv.splitlines()[0].split("\t")[0]) == 1.0
 
 
-def test_export_plans_first_when_needed(tmp_path: Path) -> None:
+def test_export_reads_the_plan_and_never_plans(tmp_path: Path) -> None:
     r = _gqa()
     assert "plan" not in r.data
-    write_exports(r, ["minference"], tmp_path)
-    assert "plan" in r.data and r.data["plan_summary"]["target_len"] == r.run["seq_len"]
+    with pytest.raises(ExportError, match="no plan"):
+        write_exports(r, ["minference"], tmp_path)
+    assert "plan" not in r.data and not any(tmp_path.iterdir())
 
 
 # -- names ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attn_audit import AuditConfig, audit
+from attn_audit import AuditConfig, MeasureSpec, audit
 from attn_audit.data import DataSpec, build_sequences
 from attn_audit.result import AuditResult
 
@@ -44,7 +44,7 @@ def brute_force_k(model, sequences, eps_list, min_keys, causal):
 
 
 def check_against_brute_force(loaded, seq_len, n_seq, causal):
-    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=n_seq, batch_size=n_seq, exact=True,
+    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=n_seq, batch_size=n_seq, measure=MeasureSpec(rows_per_sequence=None),
                       reservoir_size=64)
     result = audit(loaded.model, loaded.tokenizer, DataSpec(), cfg, info=loaded.info)
     result = AuditResult.from_dict(result.to_dict())  # what audit.json holds

@@ -238,9 +238,6 @@ def test_weights_are_configurable_and_validated() -> None:
     rank_heads(r, PlanConfig(weights=only_saving))
     e = _ranked(r, 0, 0)
     assert e["score"] == pytest.approx(e["flops_saving"], abs=1e-6)
-    assert RankWeights.from_mapping({"retrieval-like": 0.3}).retrieval_like == 0.3
-    with pytest.raises(ConfigError, match="unknown rank weight"):
-        RankWeights.from_mapping({"savings": 1})
     with pytest.raises(ConfigError, match=">= 0"):
         RankWeights(saving=-1)
 

@@ -159,7 +159,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 
 def test_nonfinite_rows_are_counted_and_left_out(monkeypatch):
     """NaN in one head's Q (a broken checkpoint) drops only that head's rows, and the run finishes."""
-    from attn_audit import AuditConfig, audit
+    from attn_audit import AuditConfig, MeasureSpec, audit
     from tests.conftest import tiny_model
 
     model = tiny_model("llama")
@@ -179,7 +179,8 @@ def test_nonfinite_rows_are_counted_and_left_out(monkeypatch):
         model,
         Tok(),
         texts,
-        AuditConfig(seq_lens=(48,), num_sequences=3, exact=True, min_keys=4, reservoir_size=32),
+        AuditConfig(seq_lens=(48,), num_sequences=3, measure=MeasureSpec(min_keys=4, rows_per_sequence=None),
+                    reservoir_size=32),
         name="tiny-nan",
     )
     h0 = result.head(0, 0)

@@ -24,6 +24,7 @@ from attn_audit.report import (
     file_name,
     for_path,
     get_renderer,
+    render,
     headline,
     verdict_line,
 )

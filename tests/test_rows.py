@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attn_audit.config import MeasureSpec
+from attn_audit.errors import ConfigError
 from attn_audit.rows import dispatch as rows_mod
 from attn_audit.rows import RowMetrics, reference_row_metrics, row_metrics
 
@@ -293,9 +294,9 @@ def test_other_dtypes(dtype: torch.dtype, backend: str) -> None:
 
 
 def test_argument_checks() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="outside"):
         MeasureSpec(eps=(0.0,))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="budgets"):
         MeasureSpec(eps=(0.1,), budgets=(0,))
     with pytest.raises(ValueError):
         row_metrics(torch.zeros(2, 3), torch.arange(2), MeasureSpec(eps=(0.1,)))

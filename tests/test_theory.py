@@ -309,7 +309,7 @@ def test_theory_blocks_equal_per_head_theory_block() -> None:
 
 def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
     """The normal law and average ranks computed without scipy.stats equal its values."""
-    from attn_audit.stats.distributions import _norm_ppf, _norm_sf
+    from attn_audit.stats.distributions import norm_ppf, norm_sf
     from attn_audit.theory.correlation import average_ranks
 
     rng = np.random.default_rng(12)
@@ -317,9 +317,9 @@ def test_scipy_stats_replacements_equal_scipy_stats_bit_for_bit() -> None:
     q = np.concatenate([edges, 10 ** rng.uniform(-300, 0, 200), 1 - 10 ** rng.uniform(-16, 0, 200)])
     x = np.concatenate([[0.0, -0.0, np.inf, -np.inf, np.nan, 40.0, -40.0], rng.normal(0, 10, 400)])
     with np.errstate(invalid="ignore", divide="ignore"):
-        np.testing.assert_array_equal(_norm_ppf(q), sps.norm.ppf(q))
-        np.testing.assert_array_equal(_norm_sf(x), sps.norm.sf(x))
-        assert _norm_sf(1.5) == sps.norm.sf(1.5) and _norm_ppf(0.05) == sps.norm.ppf(0.05)
+        np.testing.assert_array_equal(norm_ppf(q), sps.norm.ppf(q))
+        np.testing.assert_array_equal(norm_sf(x), sps.norm.sf(x))
+        assert norm_sf(1.5) == sps.norm.sf(1.5) and norm_ppf(0.05) == sps.norm.ppf(0.05)
         # the k predictions against their former scipy.stats formulas
         n, s, e = rng.integers(1, 5000, 400), rng.uniform(0, 6, 400), np.resize(q, 400)
         mb = rng.uniform(-0.1, 1, 400)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attn_audit import AuditConfig, audit
+from attn_audit import AuditConfig, MeasureSpec, audit
 from attn_audit.verify import keep_mask, verify_plan
 from tests.conftest import tiny_model
 
@@ -38,7 +38,7 @@ def test_full_budget_plan_changes_nothing():
     """Keeping every key must give ppl_ratio 1, agreement 1 and zero per-head error."""
     model = tiny_model("llama")
     texts = ["the quick brown fox jumps over the lazy dog " * 10] * 10
-    cfg = AuditConfig(seq_lens=(32,), num_sequences=3, min_keys=4, reservoir_size=32, verify=True,
+    cfg = AuditConfig(seq_lens=(32,), num_sequences=3, measure=MeasureSpec(min_keys=4), reservoir_size=32, verify=True,
                       verify_sequences=2)
     result = audit(model, _Tok(), texts, cfg, name="tiny")
     plan = result.data["plan"] = [
@@ -57,7 +57,7 @@ def test_full_budget_plan_changes_nothing():
 
 @pytest.mark.slow
 def test_smollm2_verify_on_held_out_sequences(smollm2):
-    cfg = AuditConfig(seq_lens=(96,), num_sequences=4, rows_per_sequence=32, reservoir_size=64, verify=True,
+    cfg = AuditConfig(seq_lens=(96,), num_sequences=4, measure=MeasureSpec(rows_per_sequence=32), reservoir_size=64, verify=True,
                       verify_sequences=2, max_ppl_increase=0.01)
     result = audit(smollm2.model, smollm2.tokenizer, None, cfg, info=smollm2.info)
     v = result.data["verify"]

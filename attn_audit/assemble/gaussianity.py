@@ -28,17 +28,11 @@ def _compact(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def gaussianity_block(sample: np.ndarray, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Gaussianity summary of one (n, d_head) sample and its raw per-coordinate p-values.
-
-    The summary keeps the scalar effect sizes, the verdict and 50 Mahalanobis QQ points; the
-    per-coordinate arrays stay out of audit.json (they would dominate its size).
-    """
-    return gaussianity_blocks([sample], seed)[0]
-
-
 def gaussianity_blocks(samples: list[np.ndarray], seed: int) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    """:func:`gaussianity_block` of several (n_i, d_i) or (n_i,) samples; the same blocks.
+    """Gaussianity summaries of several (n_i, d_i) or (n_i,) samples, with their raw
+    per-coordinate p-values. A summary keeps the scalar effect sizes, the verdict and 50
+    Mahalanobis QQ points; the per-coordinate arrays stay out of audit.json (they would dominate
+    its size).
 
     Samples with the same number of finite rows share one vectorized pass of the per-coordinate
     statistics (:func:`attn_audit.stats.assess.assess_gaussianity_batch`).

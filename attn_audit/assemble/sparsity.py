@@ -13,18 +13,6 @@ from typing import Any
 import numpy as np
 
 
-def k_eps_reference(probs: np.ndarray, eps: float) -> np.ndarray:
-    """Brute-force k_eps of each row of ``probs`` (..., n) in float64: sort, cumsum, search.
-
-    Zero-probability entries (masked keys) never count; rows with no mass give 0.
-    """
-    p = np.sort(np.asarray(probs, dtype=np.float64), axis=-1)[..., ::-1]
-    c = np.cumsum(p, axis=-1)
-    k = (c < (1.0 - eps)).sum(axis=-1) + 1
-    n = (p > 0).sum(axis=-1)
-    return np.where(n == 0, 0, np.minimum(k, n))
-
-
 def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
     """Lower q-quantile of integer samples given as counts ``hist`` (..., values)."""
     cdf = np.cumsum(hist, axis=-1)

@@ -22,7 +22,6 @@ import torch
 from attn_audit.errors import CaptureError
 
 CAPTURE_IMPL = "attn_audit_capture"
-CAPTURE_POINT = "post-RoPE, before repeat_kv (transformers AttentionInterface)"
 
 
 @dataclass

@@ -43,7 +43,6 @@ class Reservoir:
         self.data: dict[Any, torch.Tensor] = {}  # views of the first len(prio) rows of _bufs
         self._bufs: dict[Any, torch.Tensor] = {}
         self._keep: torch.Tensor | None = None
-        self._n_old = 0
 
     def _store(self, key: Any, t: torch.Tensor) -> None:
         """Keep ``t`` in a buffer of ``capacity`` rows, allocated (and touched) once, so memory
@@ -59,7 +58,6 @@ class Reservoir:
         allp = np.concatenate([self.prio, prio])
         order = np.argsort(allp, kind="stable")[: self.capacity]
         order.sort()
-        self._n_old = len(self.prio)
         self._keep = torch.from_numpy(order)
         self.prio = allp[order]
         self.ids = np.concatenate([self.ids, ids])[order]

@@ -26,7 +26,6 @@ from attn_audit.export import duo, minference
 from attn_audit.export.base import ExportError, ModelShape, validate_against_model
 from attn_audit.export.duo import export_duo, read_duo
 from attn_audit.export.minference import export_minference, read_minference
-from attn_audit.rank import ensure_plan
 from attn_audit.result import AuditResult, atomic_write_text
 
 __all__ = [
@@ -106,7 +105,6 @@ def write_exports(
     selected = parse_export_names(names)
     if not selected:
         return []
-    ensure_plan(result)
     info = model_info or result.model
     validate_against_model(info, result.heads, tp=tp)
     rendered = {name: EXPORTERS[name].render(result, info) for name in selected}

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from attn_audit.export.base import ExportError, index_heads, validate_against_model
-from attn_audit.rank import ensure_plan
 from attn_audit.result import AuditResult
 
 PATTERNS = ("vertical_and_slash", "stream_llm", "block_sparse")
@@ -44,9 +43,10 @@ def _clamp(value: int, low: int, n: int) -> int:
 def export_minference(
     result: AuditResult, model_info: Mapping[str, Any] | None = None
 ) -> list[dict[str, list[Any]]]:
-    """The MInference per-layer list for ``result`` (planning first with defaults if needed)."""
-    ensure_plan(result)
+    """The MInference per-layer list for ``result``'s plan."""
     shape = validate_against_model(model_info or result.model, result.heads)
+    if "plan" not in result.data or "plan_summary" not in result.data:
+        raise ExportError("the audit has no plan to export; run the audit (or --load a complete audit.json) first")
     summary = result.data["plan_summary"]
     n, eps = int(summary["target_len"]), float(summary["eps_key"])
     sinks, window = int(result.run.get("sinks") or 0), int(result.run.get("window") or 0)

@@ -74,7 +74,7 @@ from attn_audit.rank.head_facts import (
     is_non_gaussian,
     is_sink_saturated,
 )
-from attn_audit.rank.plan import FORMULA, build_plan, ensure_plan, rank_and_plan
+from attn_audit.rank.plan import FORMULA, build_plan, rank_and_plan
 from attn_audit.rank.ranking import rank_heads
 from attn_audit.rank.settings import RISK_FLAGS, PlanConfig, RankWeights
 
@@ -88,7 +88,6 @@ __all__ = [
     "attention_flops",
     "build_plan",
     "distant_mass",
-    "ensure_plan",
     "flops_saving",
     "is_non_gaussian",
     "is_sink_saturated",

@@ -105,8 +105,3 @@ def rank_and_plan(result: AuditResult, config: PlanConfig | None = None) -> None
     rank_heads(result, config)
     build_plan(result, config)
 
-
-def ensure_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
-    """Rank and plan with ``config`` (default settings) unless the result already has a plan."""
-    if "plan" not in result.data or "plan_summary" not in result.data:
-        rank_and_plan(result, config)

@@ -9,9 +9,7 @@ dimension) into the :class:`_Ctx` every later step reads.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
 
 from attn_audit.errors import ConfigError
 from attn_audit.result import AuditResult
@@ -52,20 +50,6 @@ class RankWeights:
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> RankWeights:
-        """Build from a dict (e.g. a TOML table); ``-`` and ``_`` are interchangeable in keys."""
-        known = {f.name for f in fields(cls)}
-        values: dict[str, float] = {}
-        for key, value in mapping.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(
-                    f"unknown rank weight {key!r} (known: {', '.join(sorted(known))})"
-                )
-            values[name] = value
-        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,12 @@ from attn_audit.report.headlines import (
     failed_checks,
     headline,
     theory_lines,
-    verdict_line,
 )
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult
 
-__all__ = ["TerminalRenderer", "verdict_line", "render_to_console"]
+__all__ = ["TerminalRenderer", "render_to_console"]
 
 DEFAULT_TOP = 15
 # Trailing blanks of a line, also when colour codes follow them.

@@ -135,6 +135,6 @@ def _cpu_row_metrics(scores: torch.Tensor, q_pos: torch.Tensor, spec: MeasureSpe
 
 def clear_workspace() -> None:
     """Release the scratch buffers kept by the torch kernel in the calling thread."""
-    from attn_audit.rows.torch_kernel import clear_workspace as clear
+    from attn_audit.rows.torch_stream import clear_workspace as clear
 
     clear()

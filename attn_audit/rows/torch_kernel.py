@@ -57,10 +57,9 @@ from attn_audit.rows.torch_stream import (
     _Block,
     _stream,
     _workspace,
-    clear_workspace,
 )
 
-__all__ = ["torch_row_metrics", "clear_workspace"]
+__all__ = ["torch_row_metrics"]
 
 _U64 = 2.0**-53  # float64 unit roundoff
 _TAIL_TOL = 1e-7  # accepted half-width (fraction of the row mass) of a bound-based tail

@@ -28,12 +28,12 @@ FloatArray = NDArray[np.float64]
 # functions its methods call, with the same results bit for bit (also at 0, 1, +-inf, NaN).
 
 
-def _norm_sf(x: ArrayLike) -> FloatArray:
+def norm_sf(x: ArrayLike) -> FloatArray:
     """Standard normal survival function; reproduces ``scipy.stats.norm.sf`` (``ndtr(-x)``)."""
     return np.asarray(spc.ndtr(-np.asarray(x, dtype=np.float64)))
 
 
-def _norm_ppf(q: ArrayLike) -> FloatArray:
+def norm_ppf(q: ArrayLike) -> FloatArray:
     """Standard normal quantile; reproduces ``scipy.stats.norm.ppf`` (``ndtri(q)``)."""
     return np.asarray(spc.ndtri(np.asarray(q, dtype=np.float64)))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from attn_audit.stats.distributions import _norm_ppf, _norm_sf
+from attn_audit.stats.distributions import norm_ppf, norm_sf
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -34,7 +34,7 @@ def k_pred_plain(n: ArrayLike, sigma: ArrayLike, eps: ArrayLike) -> FloatArray:
         Predicted k (real-valued), broadcast shape. It does not depend on the logit mean.
     """
     n_, s_, e_ = (np.asarray(a, dtype=np.float64) for a in (n, sigma, eps))
-    return np.asarray(n_ * _norm_sf(s_ + _norm_ppf(e_)), dtype=np.float64)
+    return np.asarray(n_ * norm_sf(s_ + norm_ppf(e_)), dtype=np.float64)
 
 
 def k_pred_sink_aware(
@@ -67,7 +67,7 @@ def k_pred_sink_aware(
     )
     with np.errstate(divide="ignore", invalid="ignore"):
         eps_b = np.where(mb > 0, e / mb, np.inf)
-    k = ns + nb * _norm_sf(sb + _norm_ppf(np.minimum(eps_b, 1.0)))
+    k = ns + nb * norm_sf(sb + norm_ppf(np.minimum(eps_b, 1.0)))
     return np.asarray(k, dtype=np.float64)
 
 
