@@ -425,11 +425,11 @@ def test_cpu_kernel_uses_512_bit_vectors_on_avx512_hosts() -> None:
 
 @pytest.mark.slow
 def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
-    """numba caches the kernel keyed on rows_cpu.py's time stamp only; the stages it inlines
-    live in rows_cpu_stages.py (and num_bins in rows_spec.py). A change there alone must recompile
+    """numba caches the kernel keyed on rows/cpu.py's time stamp only; the stages it inlines
+    live in rows/cpu_stages.py (and num_bins in rows/spec.py). A change there alone must recompile
     the kernel, not load stale machine code. Fresh processes on a copy of the package: the
     first compiles, an unchanged second loads the cache, and after an edit of
-    rows_cpu_stages.py only, the third must miss the cache and still be exact."""
+    rows/cpu_stages.py only (then of rows/spec.py only), the next run must miss the cache."""
     import shutil
 
     pkg = Path(__file__).resolve().parents[1] / "attn_audit"
@@ -437,7 +437,8 @@ def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
     code = (
         "import torch\n"
-        "from attn_audit.rows.dispatch import MeasureSpec, reference_row_metrics, row_metrics\n"
+        "from attn_audit.config import MeasureSpec\n"
+        "from attn_audit.rows import reference_row_metrics, row_metrics\n"
         "from attn_audit.rows.cpu import _rows\n"
         "s = torch.randn(2, 40, 300, generator=torch.Generator().manual_seed(0)) * 3\n"
         "q = torch.arange(260, 300)\n"
@@ -457,9 +458,13 @@ def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
 
     assert run() == (0, 1)  # compiled
     assert run() == (1, 0)  # loaded from the cache
-    stages = copy / "rows_cpu_stages.py"
+    stages = copy / "rows" / "cpu_stages.py"
     stages.write_text(stages.read_text() + "\n# an edit of the stages alone\n")
     assert run() == (0, 1)  # recompiled, not the stale code
+    assert run() == (1, 0)
+    spec_src = copy / "rows" / "spec.py"
+    spec_src.write_text(spec_src.read_text() + "\n# an edit of the bin geometry's file alone\n")
+    assert run() == (0, 1)
 
 
 def test_kernel_sources_digest_without_readable_sources(monkeypatch) -> None:

@@ -82,7 +82,7 @@ def _compile(sources_digest: int):  # type: ignore[no-untyped-def]
     """The kernel, compiled by numba and cached on disk.
 
     numba keys a cached function on its own file's time stamp only, not on the files of the
-    functions it inlines: after a change to rows_cpu_stages.py alone it would load the stale
+    functions it inlines: after a change to rows/cpu_stages.py alone it would load the stale
     machine code (with a changed bin count, writing past its buffers). It also hashes the
     values a closure captures, so the kernel closes over a digest of those files.
     """

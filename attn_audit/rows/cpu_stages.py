@@ -2,7 +2,7 @@
 
 Each is a small numba function over one row (scan, stream, histogram, searches over the
 cumulative histogram, the exact count inside a boundary bin, region sums); the kernel
-``rows_cpu._rows`` chains them, and LLVM inlines them there. Shapes: ``x`` / ``xi`` one row
+``rows.cpu._rows`` chains them, and LLVM inlines them there. Shapes: ``x`` / ``xi`` one row
 of scores (float32 / float64) and its integer view, ``e`` float64 masses, ``bins`` int32.
 """
 

@@ -1,7 +1,7 @@
 """Whitening, squared Mahalanobis distances and their chi2 QQ summary, covariance shape.
 
 theory.md §4.3 (Mahalanobis QQ) and §4.4 (covariance shape); the base of the multivariate
-statistics collected in :mod:`attn_audit.mvn`. Pure numpy/scipy (no torch). Every function
+statistics collected in :func:`attn_audit.stats.assess_gaussianity`. Pure numpy/scipy (no torch). Every function
 takes a sample matrix ``x`` of shape ``(n, d)`` (rows = tokens, columns = coordinates of the
 head) and never modifies it, or the :class:`Whitened` / :class:`Distances` made from one.
 
