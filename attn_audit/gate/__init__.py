@@ -24,11 +24,6 @@ Policy files are TOML::
 Exit codes (:class:`~attn_audit.errors.ExitCode`): 0 all checks passed (or none given), 1 a check
 failed or was unevaluable, 4 nothing was measured (no rows; regardless of the checks). Malformed
 expressions or policies raise :class:`~attn_audit.errors.ConfigError` (exit 2).
-
-The package is split by step: :mod:`~attn_audit.gate.metric_table` (what a check can compare),
-:mod:`~attn_audit.gate.expression` (the language above), :mod:`~attn_audit.gate.checks` (a named
-check and its result), :mod:`~attn_audit.gate.policy` (TOML policies) and
-:mod:`~attn_audit.gate.decision` (the outcome and exit code). The names below are the public API.
 """
 
 from __future__ import annotations

@@ -49,14 +49,6 @@ heads whose ``k ≤ max_kfrac·N``.
 **KV-head groups and layers** are scored as one head whose k is the **max over its query heads**,
 kfrac the max, stability the worst and flags the union (the ``rule`` field says so): KV-cache
 methods act per KV head, so the group must keep what its most demanding query head needs.
-
-The package is split by step: :mod:`~attn_audit.rank.settings` (weights, thresholds, the resolved
-context), :mod:`~attn_audit.rank.flops` (FLOP counts), :mod:`~attn_audit.rank.head_facts` (per-head
-facts shared with the gate and the exports), :mod:`~attn_audit.rank.budget` (budget k),
-:mod:`~attn_audit.rank.scoring` (flags, score, order, plan decision),
-:mod:`~attn_audit.rank.groups` (layers and KV-head groups), :mod:`~attn_audit.rank.ranking`
-(:func:`rank_heads`) and :mod:`~attn_audit.rank.plan` (:func:`build_plan` and the combined steps).
-The names below are the public API.
 """
 
 from __future__ import annotations

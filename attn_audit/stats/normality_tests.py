@@ -4,8 +4,7 @@ Pure numpy/scipy (no torch). The statistics are computed in :mod:`attn_audit.sta
 module holds what turns them into scores and p-values: D'Agostino's skewness and
 Anscombe-Glynn's kurtosis z, the Lilliefors and Anderson-Darling p-value approximations,
 Shapiro-Wilk (Royston 1995, algorithm AS R94, the coefficients and p-value approximation of
-``scipy.stats.shapiro``); the Benjamini-Hochberg adjustment (:mod:`attn_audit.stats.multiple_testing`)
-is re-exported. Each agrees with its scipy.stats reference up to float rounding, without
+``scipy.stats.shapiro``). Each agrees with its scipy.stats reference up to float rounding, without
 scipy.stats' per-call overhead.
 """
 
