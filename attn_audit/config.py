@@ -29,7 +29,8 @@ class MeasureSpec:
     """What is measured on every query row: one object, built once from the options, validated
     here, and passed unchanged to the accumulator and the row kernels.
 
-    eps: tail-mass levels in (0, 1). Strings are kept as written (``"0.050"``) as the keys of
+    eps: tail-mass levels in (0, 1), distinct (none: only the budgets' tail masses; an audit needs
+        at least one, see :class:`AuditConfig`). Strings are kept as written (``"0.050"``) as the keys of
         ``heads[].sparsity`` in audit.json; floats get their shortest repr. Everything else
         addresses eps by index into this tuple.
     budgets: top-k budgets for the tail mass.
@@ -49,8 +50,6 @@ class MeasureSpec:
 
     def __post_init__(self) -> None:
         raw = tuple(self.eps)
-        if not raw:
-            raise ConfigError("--eps is empty; give values like 0.01,0.05,0.1")
         keys = tuple(e.strip() if isinstance(e, str) else repr(float(e)) for e in raw)
         values = []
         for k in keys:
@@ -117,6 +116,8 @@ class AuditConfig:
         object.__setattr__(self, "seq_lens", tuple(int(n) for n in self.seq_lens))
         if not self.seq_lens:
             raise ConfigError("--seq-len is empty; give at least one length (e.g. 512)")
+        if not self.measure.eps:
+            raise ConfigError("--eps is empty; give values like 0.01,0.05,0.1")
         for n in self.seq_lens:
             if n < 2:
                 raise ConfigError(f"--seq-len {n} is too short; use at least 2 tokens (e.g. 512)")

@@ -118,31 +118,31 @@ def test_mahalanobis_matches_whitening() -> None:
     assert isinstance(deficient, whitening.Whitened) and deficient.d_eff == 5
 
 
-def _pairwise_full(x: np.ndarray) -> tuple[float, float]:
-    """The full-matrix evaluation of b1 and HZ (the pre-blocking implementation)."""
+def _pairwise_float64(x: np.ndarray) -> tuple[float, float]:
+    """b1 and HZ by their definitions on the full float64 Gram matrix of the whitened rows."""
     w = whitening.whiten(x)
-    m, p = w.y.shape
-    y32 = w.y.astype(np.float32)
-    gram = y32 @ y32.T
-    b1 = float(np.sum(gram * gram * gram, dtype=np.float64)) / m**2
+    y = w.y
+    m, p = y.shape
+    gram = y @ y.T
+    b1 = float(np.sum(gram**3)) / m**2
     b2 = henze_zirkler._hz_beta(m, p) ** 2
-    dj = np.diagonal(gram).astype(np.float64)
-    half = (b2 / 2 * dj).astype(np.float32)
-    arg = np.float32(b2) * gram
-    arg -= half[:, None]
-    arg -= half[None, :]
-    term1 = float(np.sum(np.exp(arg), dtype=np.float64)) / m**2
+    dj = np.diagonal(gram)
+    term1 = float(np.sum(np.exp(b2 * gram - b2 / 2 * dj[:, None] - b2 / 2 * dj[None, :]))) / m**2
     term2 = 2 * (1 + b2) ** (-p / 2) * float(np.exp(-b2 / (2 * (1 + b2)) * dj).mean())
     return b1, m * (term1 - term2 + (1 + 2 * b2) ** (-p / 2))
 
 
 @pytest.mark.parametrize(("m", "d"), [(300, 1), (513, 1), (1000, 64), (129, 5)])
-def test_pairwise_blocks_equal_full_matrix(m: int, d: int) -> None:
+def test_pairwise_blocks_equal_the_definition(m: int, d: int) -> None:
+    """The blocked float32 Gram sums equal the float64 definition to float32 rounding. (An
+    earlier test compared them with an unblocked float32 product at 1e-12: that held only
+    for one CPU's BLAS kernels; an AMD EPYC host reorders the float32 sums by ~2e-9.)"""
     x = np.random.default_rng(m + d).standard_t(6, (m, d))
-    b1, hz = _pairwise_full(x)
+    b1, hz = _pairwise_float64(x)
     res = henze_zirkler.pairwise_stats(x)
-    assert res.b1 == pytest.approx(b1, rel=1e-12)
-    assert res.hz == pytest.approx(hz, rel=1e-11)
+    assert res.b1 == pytest.approx(b1, rel=2e-6)
+    # HZ = m * (term1 - term2 + term3) cancels: bound the error by float32 rounding of the terms
+    assert abs(res.hz - hz) <= 5e-6 * m
 
 
 def test_bh_adjust_rows() -> None:

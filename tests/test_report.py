@@ -125,10 +125,11 @@ def test_unknown_format_lists_the_known_ones() -> None:
         for_path("report.htm.bak")
 
 
-def test_render_through_the_result() -> None:
+def test_render_goes_through_the_report_package() -> None:
     result = make_result()
     assert render(result, "json") == result.to_json()
-    assert result.render("md") == get_renderer("md").render(result)
+    assert render(result, "md") == get_renderer("md").render(result)
+    assert not hasattr(result, "render")  # the result does not import the report package
 
 
 # -- every renderer on every case ---------------------------------------------------------------

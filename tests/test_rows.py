@@ -97,10 +97,11 @@ cases = st.fixed_dictionaries(
             ["none", "causal", "sliding", "padding", "causal_pad", "one", "empty_rows"]
         ),
         "sink_boost": st.sampled_from([0.0, 0.0, 3.0, 8.0]),
-        "eps": st.lists(
+        "eps": st.lists(  # distinct: they key the results (MeasureSpec refuses a repeated eps)
             st.one_of(st.sampled_from(EPS_POOL), st.floats(1e-4, 0.9999)),
             min_size=1,
             max_size=4,
+            unique=True,
         ),
         "budgets": st.lists(st.sampled_from([1, 2, 5, 16, 64, 256]), min_size=0, max_size=3),
         "sinks": st.sampled_from([0, 1, 1, 4]),
