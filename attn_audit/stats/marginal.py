@@ -1,4 +1,4 @@
-"""Per-coordinate (marginal) normality statistics and their p-values: theory.md §4.2.
+"""Per-coordinate (marginal) normality statistics and their p-values: docs/methods.md §4.2.
 
 Pure numpy/scipy (no torch). :func:`coordinate_stats` computes every per-coordinate statistic
 of :func:`attn_audit.stats.assess.assess_gaussianity` for all columns of a sample matrix at once;

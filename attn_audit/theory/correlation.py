@@ -1,4 +1,4 @@
-"""Average ranks and the Spearman correlation with a bootstrap CI (theory.md §5.4).
+"""Average ranks and the Spearman correlation with a bootstrap CI (docs/methods.md §5.5, §6).
 
 Pure numpy (no torch, no scipy.stats): :func:`average_ranks` reproduces
 ``scipy.stats.rankdata`` and :func:`spearman_with_ci` the Spearman rho of
