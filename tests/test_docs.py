@@ -1,7 +1,7 @@
 """The methods document is in the repository and every citation of it resolves.
 
 The code cites ``docs/methods.md §N`` instead of notes outside the repository: no file of the
-package, the tests, the benchmarks or the scripts may point outside, and every section cited
+package, the tests, the benchmarks, the scripts, the examples or the README may point outside, and every section cited
 must exist as a heading of docs/methods.md.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ROOT / "docs" / "methods.md"
-SCANNED = ("attn_audit", "tests", "benchmarks", "scripts")
+SCANNED = ("attn_audit", "tests", "benchmarks", "scripts", "examples")
 TEXT_SUFFIXES = {".py", ".sh", ".txt", ".toml", ".md", ".cfg", ".ini", ".yml", ".yaml", ".json"}
 # Built from parts so that this file does not match itself.
 FORBIDDEN = ("theory" + ".md", "../" + "shared", "shared" + "/docs")
