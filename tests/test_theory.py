@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from attn_audit.config import MeasureSpec
 from attn_audit.theory.correlation import spearman_with_ci
 from attn_audit.theory.finite_n import k_pred_finite_n
 from attn_audit.theory.norm_bound import RVariants, r_variants
@@ -29,7 +30,7 @@ def _measured_k_eps(logits: np.ndarray, eps: float) -> np.ndarray:
 
 
 def test_k_pred_plain_theory_table() -> None:
-    """theory.md §5.1: k/n = 0.741 (sigma 1), 0.361 (2), 0.088 (3) at eps 0.05; 0.043 at 0.1."""
+    """docs/methods.md §5.1: k/n = 0.741 (sigma 1), 0.361 (2), 0.088 (3) at eps 0.05; 0.043 at 0.1."""
     n = 1024
     got = k_pred_plain(n, np.array([1.0, 2.0, 3.0]), 0.05) / n
     np.testing.assert_allclose(got, [0.741, 0.361, 0.088], atol=6e-4)
@@ -39,7 +40,7 @@ def test_k_pred_plain_theory_table() -> None:
 
 
 def test_k_pred_finite_n_theory_table_and_edges() -> None:
-    """The empirical column of the §5.1 table (finite n) is reproduced; plain is not."""
+    """The empirical column of the docs/methods.md §5.1 table (finite n) is reproduced; plain is not."""
     # The table's empirical column is itself a 200-row median (~4% noise at sigma = 3).
     got = k_pred_finite_n(1024, [1.0, 2.0, 3.0], 0.05, draws=801, rng=1) / 1024
     for g, want, tol in zip(got, (0.741, 0.367, 0.120), (0.01, 0.03, 0.1), strict=True):
@@ -281,7 +282,7 @@ def test_theory_blocks_equal_per_head_theory_block() -> None:
     from attn_audit.assemble.theory import theory_block, theory_blocks
 
     names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid"]
-    names += ["k_eps@0.01", "k_eps@0.05", "k_eps@0.1"]
+    names += ["k_eps[0]", "k_eps[1]", "k_eps[2]"]
     rng = np.random.default_rng(11)
     heads = []
     for rows in (300, 200, 128, 60, 60, 9, 5, 0):
@@ -299,9 +300,9 @@ def test_theory_blocks_equal_per_head_theory_block() -> None:
             f[rng.integers(0, rows, size=3), 1] = np.nan
         heads.append(f)
     heads[4][:, 5:] = 3.0  # constant measured k: no Spearman
-    eps_keys = ["0.01", "0.05", "0.1"]
-    got = theory_blocks(heads, names, eps_keys, seed=5, sinks=2, window=16)
-    want = [theory_block(f, names, eps_keys, 5, 2, 16) for f in heads]
+    spec = MeasureSpec(eps=("0.01", "0.05", "0.1"), sinks=2, window=16)
+    got = theory_blocks(heads, names, spec, seed=5)
+    want = [theory_block(f, names, spec, 5) for f in heads]
     assert [list(b) for b in got] == [list(b) for b in want]
     assert got == want
     assert got[0]["rows"] == 128 and "skipped_reason" in got[-2] and "spearman" in got[0]
@@ -347,7 +348,8 @@ def test_theory_block_spearman_equals_scipy_spearmanr(monkeypatch: pytest.Monkey
         return np.broadcast_to(k, np.broadcast_shapes(n.shape, eps.shape))
 
     monkeypatch.setattr(finite_n, "k_pred_finite_n", fake_finite_n)
-    names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid", "k_eps@0.05"]
+    names = ["n_keys", "bulk_std", "bulk_mass", "sink_mass", "valid", "k_eps[0]"]
+    spec = MeasureSpec(eps=("0.05",))
     rng = np.random.default_rng(13)
     heads = []
     for _ in range(3):
@@ -357,8 +359,8 @@ def test_theory_block_spearman_equals_scipy_spearmanr(monkeypatch: pytest.Monkey
         f[:, 2:5] = 1.0
         f[:, 5] = np.maximum(1, np.round(f[:, 0] * rng.uniform(0.01, 0.8, size=100) / 16))  # ties
         heads.append(f)
-    for f, block in zip(heads, theory_blocks(heads, names, ["0.05"], seed=3), strict=True):
+    for f, block in zip(heads, theory_blocks(heads, names, spec, seed=3), strict=True):
         k_fin = np.maximum(np.minimum(np.round(f[:, 1].astype(np.float64) * 5) + 1, f[:, 0]), 1.0)
         want = float(sps.spearmanr(f[:, 5], k_fin).statistic)
-        assert theory_block(f, names, ["0.05"], seed=3)["spearman"]["0.05"] == want
+        assert theory_block(f, names, spec, seed=3)["spearman"]["0.05"] == want
         assert block["spearman"]["0.05"] == want

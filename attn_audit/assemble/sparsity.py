@@ -1,7 +1,7 @@
 """(eps, k)-sparsity figures per head from the streamed aggregates (numpy only).
 
 k_eps(i) is the smallest k whose top-k attention probabilities in row i sum to at least 1 - eps
-(theory.md §2.1, the mass reading). Medians and 90th percentiles are exact: they come from an
+(docs/methods.md §2.1, the mass reading). Medians and 90th percentiles are exact: they come from an
 integer histogram of k_eps, not from a sketch. Intervals are percentile bootstraps over
 sequences (rows of one sequence are not independent, sequences are).
 """

@@ -16,7 +16,7 @@ from attn_audit.result import finite_or_none
 _THEORY_ROWS = 128  # sampled rows per head that the Monte Carlo prediction uses
 _PREDICTION_NOTE = ("k_pred: plain large-n formula n*Phi_c(sigma + Phi^-1(eps)); k_pred_finite_n: Monte Carlo at "
                     "finite n (log ratios use it); k_pred_sink_aware: sinks and local window kept whole, an "
-                    "upper bound up to the Gaussian approximation (theory.md §5.3); sigma = std of the bulk logits")
+                    "upper bound up to the Gaussian approximation (docs/methods.md §5); sigma = std of the bulk logits")
 
 
 def _bulk_rows(features: np.ndarray, col: dict[str, int]) -> np.ndarray:
@@ -280,7 +280,7 @@ def theory_summary(heads: list[dict[str, Any]], config: AuditConfig) -> dict[str
     """Does sparsity grow with R? Spearman correlations across heads, with bootstrap intervals.
 
     A negative correlation between R (or the row spread sigma) and k_eps/n is the theory's
-    "sparser as R grows" (theory.md §5.1). Model-wide and per layer.
+    "sparser as R grows" (docs/methods.md §6). Model-wide and per layer.
     """
     from attn_audit.theory.correlation import spearman_with_ci
 
@@ -358,7 +358,7 @@ def add_weight_bounds(heads: list[dict[str, Any]], s: dict[str, Any],
             r_f = rv.r_f_max
             if r_f and rec["R"].get("logit_range"):
                 rec["R"]["emp_over_R_F"] = rec["R"]["logit_range"] / r_f
-            rec["R"]["note"] = "R_F = scale*B^2*||W_Q^h W_K^g^T||_F (theory.md §3, v2's form with the model's scale); W from pre-RoPE projections"
+            rec["R"]["note"] = "R_F = scale*B^2*||W_Q^h W_K^g^T||_F (docs/methods.md §3.2, Deng et al.'s form with the model's scale); W from pre-RoPE projections"
 
 
 def add_theory(heads: list[dict[str, Any]], s: dict[str, Any], config: AuditConfig, group: int) -> None:

@@ -251,7 +251,7 @@ class Accumulator:
 
     def _sample_row_logits(self, layer: int, last: torch.Tensor, pos: int, mask: torch.Tensor) -> None:
         """Keep standardized bulk logits (sinks and the local window left out) of one row per
-        sequence, up to ``ROW_LOGITS_CAP`` values per head (theory.md §4.5).
+        sequence, up to ``ROW_LOGITS_CAP`` values per head (docs/methods.md §4.1).
 
         Args:
             last: (batch, head, keys) scores of the row at position ``pos``.

@@ -1,4 +1,4 @@
-"""Stage ``rows``: exact per-row sparsity of attention scores (docs/methods.md §2, §8).
+"""Stage ``rows``: exact per-row sparsity of attention scores (docs/methods.md §2).
 
 :func:`row_metrics` takes the pre-softmax scores of a block of query rows and returns, per row,
 the exact mass-based ``k_eps``, tail masses, entropy and the sink / local / bulk split. Modules:

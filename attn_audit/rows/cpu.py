@@ -1,7 +1,7 @@
 """The CPU kernel of :func:`attn_audit.rows.dispatch.row_metrics`, compiled with numba.
 
 One pass per query row computes everything :class:`~attn_audit.rows.dispatch.RowMetrics` holds,
-without sorting the row (theory.md sections 2 and 8):
+without sorting the row (docs/methods.md §2.2):
 
 1. max, min and count of the allowed keys (``-inf`` = masked), and the last allowed column
    (causal rows stop there);

@@ -1,4 +1,4 @@
-"""Per-row attention sparsity metrics (theory.md sections 2, 5.2 and 8).
+"""Per-row attention sparsity metrics (docs/methods.md §2; the bulk statistics feed §5.2).
 
 :func:`row_metrics` receives the full pre-softmax scores of a block of query rows and
 returns, per row, the exact mass-based sparsity counts ``k_eps`` (smallest k whose top-k

@@ -1,4 +1,4 @@
-"""The brute-force float64 definition of the per-row metrics (theory.md sections 2 and 8):
+"""The brute-force float64 definition of the per-row metrics (docs/methods.md §2):
 softmax, a full sort, a cumulative sum. :func:`reference_row_metrics` is what the kernels of
 :mod:`attn_audit.rows.dispatch` must match (the integers exactly); :func:`_exact_sorted` also decides the
 rows those kernels flag inside their rounding margin.

@@ -1,4 +1,4 @@
-"""The contract of the per-row sparsity kernels (theory.md sections 2 and 8): what to measure
+"""The contract of the per-row sparsity kernels (docs/methods.md §2): what to measure
 (:class:`attn_audit.config.MeasureSpec`), what comes back (:class:`RowMetrics`), the histogram geometry both kernels
 share (:func:`num_bins`, :func:`bin_span_cap`) and the input checks.
 """

@@ -1,4 +1,4 @@
-"""Gaussianity of one head's Q or K vectors (or standardized row logits): theory.md §4.
+"""Gaussianity of one head's Q or K vectors (or standardized row logits): docs/methods.md §4.
 
 Pure numpy/scipy (no torch). Entry point: :func:`assess_gaussianity` on a sample matrix of
 shape ``(n, d)`` (``d = d_head``, or ``d = 1`` for row logits) returning a frozen

@@ -1,8 +1,9 @@
 """scipy.stats distribution methods computed with scipy.special (no scipy.stats import).
 
-Importing scipy.stats costs ~1 s per audit. The few distribution methods the analysis needs
-(the normal law of the Gaussian predictions, theory.md §5, and the gamma, chi2, beta and
-binomial laws behind the multivariate null calibrations of §4.3) are reproduced here: each calls
+Importing scipy.stats costs ~1 s per audit (measured, with the other reasons for not using it:
+docs/methods.md §12). The few distribution methods the analysis needs
+(the normal law of the Gaussian predictions, docs/methods.md §5, and the gamma, chi2, beta and
+binomial laws behind the multivariate null calibrations of docs/methods.md §4.4) are reproduced here: each calls
 the scipy.special function that scipy.stats itself calls, so the values are the same bit for bit
 (tests/test_theory.py and tests/test_stats.py check them against scipy.stats, edge cases
 included).

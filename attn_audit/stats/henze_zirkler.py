@@ -1,4 +1,4 @@
-"""Henze-Zirkler and Mardia skewness: the O(m^2 d) pairwise statistics (theory.md §4.3).
+"""Henze-Zirkler and Mardia skewness: the O(m^2 d) pairwise statistics (docs/methods.md §4.4).
 
 Pure numpy/scipy (no torch). Both statistics are sums over all row pairs of the Gram matrix of
 the whitened rows, so :func:`pairwise_stats` computes them together in one blocked float32 pass

@@ -1,4 +1,4 @@
-"""Mardia's multivariate skewness and kurtosis with their finite-n null laws (theory.md §4.3).
+"""Mardia's multivariate skewness and kurtosis with their finite-n null laws (docs/methods.md §4.4).
 
 Pure numpy/scipy (no torch). The kurtosis b_{2,d} is the mean of D_i^4 over all rows of a
 whitened sample (:mod:`attn_audit.stats.whitening`), calibrated with its exact finite-n null mean

@@ -1,4 +1,4 @@
-"""Per-coordinate (marginal) normality statistics and their p-values: theory.md §4.2.
+"""Per-coordinate (marginal) normality statistics and their p-values: docs/methods.md §4.2.
 
 Pure numpy/scipy (no torch). :func:`coordinate_stats` computes every per-coordinate statistic
 of :func:`attn_audit.stats.assess.assess_gaussianity` for all columns of a sample matrix at once;
@@ -6,7 +6,8 @@ of :func:`attn_audit.stats.assess.assess_gaussianity` for all columns of a sampl
 (e.g. all heads of a layer), sharing the vectorized passes.
 
 Speed notes (each statistic and p-value is the textbook one, equal to the scipy.stats
-reference up to float rounding; only the evaluation is shared):
+reference up to float rounding; only the evaluation is shared; docs/methods.md §12 times it
+against scipy.stats with ``axis=``):
 
 * the columns are processed as rows of a transposed block of about 1 MiB (cache-resident);
 * one sort per column serves the KS, Anderson-Darling, Wasserstein, QQ, quantile and

@@ -1,6 +1,7 @@
 """Benjamini-Hochberg adjustment of p-values (as ``scipy.stats.false_discovery_control``,
 method "bh"), per array, per row, or jointly over many arrays (all coordinates of all heads
-of a site form one family). Pure numpy.
+of a site form one family). Pure numpy: the same values as scipy.stats, faster on these
+arrays and without its import (docs/methods.md §12).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Thresholds and rules of the Gaussianity verdict: what counts as a departure (theory.md §4).
+"""Thresholds and rules of the Gaussianity verdict: what counts as a departure (docs/methods.md §4.6).
 
 Pure numpy/scipy (no torch). :class:`GaussianityThresholds` holds the effect-size thresholds;
-the per-coordinate rules (theory.md §4.2) and the head-level rules on the multivariate
-statistics (§4.3) decide which of them a sample trips. :mod:`attn_audit.stats.verdict`
+the per-coordinate rules and the head-level rules on the multivariate statistics
+(docs/methods.md §4.6, on the statistics of §4.2 and §4.4) decide which of them a sample trips. :mod:`attn_audit.stats.verdict`
 turns the outcomes into a verdict, :mod:`attn_audit.stats.assess` runs the assessment.
 
 Why effect sizes, not p-values
@@ -42,7 +42,7 @@ Rules (defaults; ``z*_d = Phi^-1(1 - null_alpha / (2d))``):
   ``null_alpha`` quantile of the exact (Beta) null exceedance count.
 
 The thresholds 0.5 and 1 for |g1| and |g2| are the usual "approximately normal" sizes
-(theory.md §4.2, also used for ``share_coords_gaussian``). Mardia skewness, Henze-Zirkler,
+(docs/methods.md §4.2, also used for ``share_coords_gaussian``). Mardia skewness, Henze-Zirkler,
 Shapiro-Wilk, Anderson-Darling, Jarque-Bera, D'Agostino K2 and the Wasserstein distance are
 reported but do not enter the verdict: Mardia skewness has a null bias of d(d+1)(d+2)/n and
 little power at d = 64, HZ tends to its ceiling in high dimension (its log-normal p-value

@@ -1,4 +1,4 @@
-"""The Gaussianity verdict and its frozen result (theory.md §4).
+"""The Gaussianity verdict and its frozen result (docs/methods.md §4.6).
 
 Pure numpy (no torch). :func:`_verdict` names the departure from the rule outcomes of
 :mod:`attn_audit.stats.rules`; :class:`GaussianityResult` is what
@@ -106,7 +106,7 @@ class GaussianityResult:
         exceed_rate_999_null: its exact expected value under normality (< 0.001).
         qq_chi2, qq_empirical: Mahalanobis QQ pairs, shape ``(qq_points,)``.
         condition_number, effective_rank, isotropy, isotropy_debiased, mean_offset:
-            covariance shape (theory.md §4.4). cov_eigenvalues: shape ``(d,)``, descending.
+            covariance shape (docs/methods.md §4.5). cov_eigenvalues: shape ``(d,)``, descending.
         coord_*: per-coordinate arrays (see :class:`CoordinateStats`), shape ``(d,)``.
         coord_flagged: per-coordinate rule outcome, shape ``(d,)``.
         pvalues: raw p-values per test in :data:`TESTS`, each shape ``(d,)``.

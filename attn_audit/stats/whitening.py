@@ -1,7 +1,7 @@
 """Whitening, squared Mahalanobis distances and their chi2 QQ summary, covariance shape.
 
-theory.md §4.3 (Mahalanobis QQ) and §4.4 (covariance shape); the base of the multivariate
-statistics collected in :func:`attn_audit.stats.assess_gaussianity`. Pure numpy/scipy (no torch). Every function
+docs/methods.md §4.4 (Mahalanobis QQ) and §4.5 (covariance shape); the base of the multivariate
+statistics of :mod:`attn_audit.stats.mardia` and :mod:`attn_audit.stats.henze_zirkler`. Pure numpy/scipy (no torch). Every function
 takes a sample matrix ``x`` of shape ``(n, d)`` (rows = tokens, columns = coordinates of the
 head) and never modifies it, or the :class:`Whitened` / :class:`Distances` made from one.
 
@@ -125,7 +125,7 @@ def mahalanobis(x: FloatArray) -> Whitened | Distances:
 
 @dataclass(frozen=True)
 class MahalanobisQQ:
-    """Squared Mahalanobis distances against chi2(d_eff) (theory.md §4.3).
+    """Squared Mahalanobis distances against chi2(d_eff) (docs/methods.md §4.4).
 
     Attributes:
         max_dev: max over the QQ points of |empirical - chi2 quantile| / sqrt(2 d_eff), i.e.
@@ -217,7 +217,7 @@ def _qq_null(
 
 @dataclass(frozen=True)
 class CovarianceShape:
-    """Shape of the sample covariance (theory.md §4.4).
+    """Shape of the sample covariance (docs/methods.md §4.5).
 
     Attributes:
         eigenvalues: eigenvalues of the unbiased covariance, descending, shape ``(d,)``.

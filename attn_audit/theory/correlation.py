@@ -1,9 +1,10 @@
-"""Average ranks and the Spearman correlation with a bootstrap CI (theory.md §5.4).
+"""Average ranks and the Spearman correlation with a bootstrap CI (docs/methods.md §5.5, §6).
 
 Pure numpy (no torch, no scipy.stats): :func:`average_ranks` reproduces
 ``scipy.stats.rankdata`` and :func:`spearman_with_ci` the Spearman rho of
 ``scipy.stats.spearmanr``, with a percentile bootstrap CI over (x, y) pairs. They compare
-predicted and measured k_eps across rows and heads, and k_eps with R across heads.
+predicted and measured k_eps across rows and heads, and k_eps with R across heads. Why not
+scipy.stats (same values): docs/methods.md §12.
 """
 
 from __future__ import annotations

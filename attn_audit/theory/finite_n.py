@@ -1,4 +1,4 @@
-"""Finite-n Monte Carlo prediction of k_eps, :func:`k_pred_finite_n` (theory.md §5.3).
+"""Finite-n Monte Carlo prediction of k_eps, :func:`k_pred_finite_n` (docs/methods.md §5.3).
 
 Pure numpy/scipy (no torch). The median k_eps / n of simulated rows
 (:mod:`attn_audit.theory.simulation`) is computed on the cells of a (n, sigma) grid, cached for

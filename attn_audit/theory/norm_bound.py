@@ -1,8 +1,8 @@
-"""The norm bound R from a head's projection weights: R_F and R_op (theory.md §3).
+"""The norm bound R from a head's projection weights: R_F and R_op (docs/methods.md §3.2).
 
 Pure numpy (no torch). :func:`r_variants` (one head) and :func:`r_variants_heads` (the query
-heads of one layer, the same values) compute R_F = c_s B^2 ||W||_F (v2's formula [S] with the
-model's own scale c_s) and the RoPE-robust R_op = c_s B^2 ||W_Q||_2 ||W_K||_2, for B = max and
+heads of one layer, the same values) compute R_F = c_s B^2 ||W||_F (Deng et al.'s R as summarised, with
+the model's own scale c_s) and the RoPE-robust R_op = c_s B^2 ||W_Q||_2 ||W_K||_2, for B = max and
 p99.9 input norms, from d_head x d_head Gram matrices only (W = W_Q^(h) W_K^(g)T is never
 formed).
 """
@@ -19,7 +19,7 @@ FloatArray = NDArray[np.float64]
 
 @dataclass(frozen=True)
 class RVariants:
-    """Weight norms and R bounds of one (query head, KV head) pair (theory.md §3).
+    """Weight norms and R bounds of one (query head, KV head) pair (docs/methods.md §3.2).
 
     Attributes:
         w_fro: ||W||_F with W = W_Q^(h) W_K^(g)T (D x D, never formed).
@@ -53,7 +53,7 @@ def _psd_sqrt(g: FloatArray) -> FloatArray:
 def r_variants(
     wq_h: ArrayLike, wk_g: ArrayLike, scale: float, b_max: float, b_p999: float
 ) -> RVariants:
-    """R variants of theory.md §3 from a head's projection weights.
+    """R variants of docs/methods.md §3.2 from a head's projection weights.
 
     ``wq_h`` and ``wk_g`` are row slices of ``nn.Linear`` weights ((out, in) convention), so
     the model computes q = x wq_h^T and the merged matrix is W = wq_h^T wk_g (D x D). Only
@@ -91,7 +91,7 @@ def r_variants(
 
 def _r_from_norms(w_fro: float, w_op: float, wq_op: float, wk_op: float, scale: float,
                   b_max: float, b_p999: float) -> RVariants:
-    """The R bounds (§3) from the weight norms and the input-norm bounds."""
+    """The R bounds (§3.2) from the weight norms and the input-norm bounds."""
     return RVariants(
         w_fro=w_fro,
         w_op=w_op,

@@ -1,12 +1,12 @@
-"""Gaussian-predicted k_eps in closed form: plain and sink-aware, large-sigma flag (theory.md §5).
+"""Gaussian-predicted k_eps in closed form: plain and sink-aware, large-sigma flag (docs/methods.md §5).
 
 Pure numpy/scipy (no torch). Conventions as in :mod:`attn_audit.theory` (``n`` is the per-row
 key count n_i, ``sigma`` the standard deviation of the row's bulk logits; array arguments
 broadcast, results are float arrays of the broadcast shape):
 
 * :func:`k_pred_plain`: Tzachristas et al.'s large-n rule k/n = Phi_c(sigma + Phi^-1(eps))
-  (§5.1, §5.3 "Plain");
-* :func:`k_pred_sink_aware`: the sink- and local-aware bound of §5.3;
+  (§5.1);
+* :func:`k_pred_sink_aware`: the sink- and local-aware bound of §5.4;
 * :func:`large_sigma_regime`: the rows where the plain rule is biased low (§5.1), for which
   :func:`attn_audit.theory.finite_n.k_pred_finite_n` is the fix.
 """
@@ -44,7 +44,7 @@ def k_pred_sink_aware(
     bulk_mass: ArrayLike,
     eps: ArrayLike,
 ) -> FloatArray:
-    """Sink- and local-aware prediction of k_eps (§5.3).
+    """Sink- and local-aware prediction of k_eps (§5.4).
 
     Keeps the sink and local keys S u L whole; the bulk may then lose eps of the total, i.e.
     ``eps_B = eps / m_B`` of its own mass:

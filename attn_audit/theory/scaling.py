@@ -1,6 +1,6 @@
-"""Fitting the n^C exponent: k_bar(n) = alpha * n^C with bootstrap CIs (theory.md §6).
+"""Fitting the n^C exponent: k_bar(n) = alpha * n^C with bootstrap CIs (docs/methods.md §7).
 
-Pure numpy (no torch). :func:`fit_scaling` is Method A of §6 (OLS on log-log over several
+Pure numpy (no torch). :func:`fit_scaling` is the fit of docs/methods.md §7 (OLS on log-log over several
 context lengths, bootstrap over sequences) with the local slopes between consecutive lengths.
 """
 
@@ -108,7 +108,7 @@ def fit_scaling(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
-    """Fit k_bar(n) = alpha * n^C by OLS on log-log (theory.md §6, method A).
+    """Fit k_bar(n) = alpha * n^C by OLS on log-log (docs/methods.md §7).
 
     ``k_bar(n)`` is the mean over sequences of the per-sequence k values at length n
     (``nanmean``: a sequence may lack some lengths). The bootstrap resamples sequences

@@ -1,6 +1,6 @@
 """Simulated Gaussian softmax rows and their exact k_eps: the kernel of the finite-n Monte Carlo.
 
-theory.md §5.3 ("Finite-n Monte Carlo fix"), §2.1 (k_eps). Pure numpy/scipy (no torch).
+docs/methods.md §5.3 (the finite-n Monte Carlo), §2.1 (k_eps). Pure numpy/scipy (no torch).
 :func:`_stratified_rows_t` draws rows of n i.i.d. N(0, 1) scores (row maximum stratified,
 cached per (n, draws, seed)); :func:`_k_eps_columns` counts k_eps of the softmax of
 ``sigma * z`` for many sigmas and eps at once, bit-identical to the cumulative-sum definition
