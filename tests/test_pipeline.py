@@ -49,11 +49,11 @@ def check_against_brute_force(loaded, seq_len, n_seq, causal):
     result = audit(loaded.model, loaded.tokenizer, DataSpec(), cfg, info=loaded.info)
     result = AuditResult.from_dict(result.to_dict())  # what audit.json holds
     (td,) = build_sequences(DataSpec(), loaded.tokenizer, [seq_len], n_seq, 0, encoder=not causal)
-    ks, amb = brute_force_k(loaded.model, td.sequences, cfg.eps, cfg.min_keys, causal)
+    ks, amb = brute_force_k(loaded.model, td.sequences, cfg.measure.eps, cfg.measure.min_keys, causal)
     assert result.run["rows"] == "all"
     total_amb = 0
     for rec in result.heads:
-        for e_idx, key in enumerate(cfg.eps_keys):
+        for e_idx, key in enumerate(cfg.measure.eps_keys):
             ref = ks[(rec["layer"], rec["head"], e_idx)]
             got = rec["sparsity"][key]
             a = amb[(rec["layer"], rec["head"], e_idx)]
@@ -64,7 +64,7 @@ def check_against_brute_force(loaded, seq_len, n_seq, causal):
                 assert got["k_median"] == int(np.quantile(ref, 0.5, method="inverted_cdf"))
                 assert got["k_p90"] == int(np.quantile(ref, 0.9, method="inverted_cdf"))
                 n_i = (np.arange(1, seq_len + 1) if causal else np.full(seq_len, seq_len))[
-                    np.arange(seq_len) >= (cfg.min_keys - 1 if causal else 0)]
+                    np.arange(seq_len) >= (cfg.measure.min_keys - 1 if causal else 0)]
                 kfrac = (ref.reshape(n_seq, -1) / n_i).mean()
                 assert got["kfrac_mean"] == pytest.approx(kfrac, rel=1e-9)
     # rows ambiguous at float32 precision are rare (under 1%); every other head matched exactly
