@@ -3,6 +3,7 @@ before any dequantisation."""
 
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -56,8 +57,14 @@ def test_unsupported_gguf_is_refused_in_under_2_s(unsupported_gguf, tmp_path, mo
 
 
 def test_unsupported_gguf_through_the_cli(unsupported_gguf, tmp_path):
+    """The CLI refuses from the header before importing torch and transformers (~3 s of CPU);
+    CPU time, not wall time, so a busy machine does not fail it."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = run_cli(str(unsupported_gguf), "--out", str(tmp_path / "out"))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert_one_line_error(proc, 3, "no Q/K capture support for model_type 'nonesuch'")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert cpu < 2.0, cpu
 
 
 def test_a_file_that_is_not_gguf_is_a_load_error(tmp_path):
