@@ -1,9 +1,11 @@
 """Load a model and its tokenizer: bundled aliases, hub ids, local directories and GGUF files.
 
-This is the only module that calls ``from_pretrained``. A GGUF file is dequantised once and
-cached as a safetensors directory under the user cache (``$ATTN_AUDIT_CACHE``, else
-``$XDG_CACHE_HOME/attn-audit``, else ``~/.cache/attn-audit``), so later runs start in about a
-second. Weights load from safetensors only, unless ``allow_pickle`` is set.
+This is the only module that calls ``from_pretrained``. A GGUF file's architecture is read from
+its header and checked first; the file is then dequantised once and cached as a safetensors
+directory under the user cache (``$ATTN_AUDIT_CACHE``, else ``$XDG_CACHE_HOME/attn-audit``, else
+``~/.cache/attn-audit``), so later runs start in seconds. A bundled GGUF shipped in chunks is
+joined once into ``<cache>/gguf/``. Weights load from safetensors only, unless ``allow_pickle``
+is set.
 """
 
 from __future__ import annotations
