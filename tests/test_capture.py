@@ -88,6 +88,15 @@ def test_smollm2_real_weights_match_eager(smollm2):
 
 
 @pytest.mark.slow
+def test_gemma3_real_weights_match_eager(gemma3):
+    """QK-norm, MQA (4 query heads on 1 KV head), head_dim 256 != 640 / 4, scaling 256 ** -0.5."""
+    tok = gemma3.tokenizer
+    enc = tok(["The capital of France is Paris, a city of light.", "Hello"], return_tensors="pt", padding=True)
+    assert enc["attention_mask"].sum() < enc["attention_mask"].numel()
+    assert check_equivalence(gemma3.model, enc["input_ids"], enc["attention_mask"]) == 18
+
+
+@pytest.mark.slow
 def test_minilm_real_weights_match_eager(minilm):
     tok = minilm.tokenizer
     enc = tok(["Attention is naturally sparse with Gaussian input.", "Short one"], return_tensors="pt", padding=True)
