@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from attn_audit.stats import distributions, henze_zirkler, mardia, whitening
+from attn_audit.stats import henze_zirkler, mardia, whitening
 from attn_audit.stats import (
     TESTS,
     VERDICTS,
