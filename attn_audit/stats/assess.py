@@ -13,7 +13,7 @@ sizes, not p-values) are in :mod:`attn_audit.stats.rules`; the verdict, the summ
 :class:`GaussianityResult` in :mod:`attn_audit.stats.verdict`.
 This module runs them: the row subsamples, the batching and the assembly of each result.
 
-Calibration (tests/test_stats.py, 100 seeded runs per case, n in {1000, 4000} x d in
+Calibration (tests/stats/test_stats.py, 100 seeded runs per case, n in {1000, 4000} x d in
 {1, 32, 64}): exact N(mu, Sigma) with Sigma of eigenvalues 1..100 in a random basis was
 called non-Gaussian 0 times in 100 in every case; multivariate Student-t(4) and a
 log-normal mixture (skewness ~1 per coordinate) were detected 100 times in 100, with the

@@ -5,7 +5,7 @@ docs/methods.md §12). The few distribution methods the analysis needs
 (the normal law of the Gaussian predictions, docs/methods.md §5, and the gamma, chi2, beta and
 binomial laws behind the multivariate null calibrations of docs/methods.md §4.4) are reproduced here: each calls
 the scipy.special function that scipy.stats itself calls, so the values are the same bit for bit
-(tests/test_theory.py and tests/test_stats.py check them against scipy.stats, edge cases
+(tests/theory/test_theory.py and tests/stats/test_stats.py check them against scipy.stats, edge cases
 included).
 
 Pure numpy/scipy (no torch).

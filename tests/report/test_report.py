@@ -31,7 +31,7 @@ from attn_audit.report import (
 from attn_audit.result import AuditResult
 from tests.synthetic import make_result
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOLD = ROOT / "tests" / "gold"
 ACTUAL = ROOT / "tests" / "actual"
 

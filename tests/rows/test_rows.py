@@ -433,7 +433,7 @@ def test_cpu_kernel_cache_follows_the_stage_sources(tmp_path) -> None:
     rows/cpu_stages.py only (then of rows/spec.py only), the next run must miss the cache."""
     import shutil
 
-    pkg = Path(__file__).resolve().parents[1] / "attn_audit"
+    pkg = Path(__file__).resolve().parents[2] / "attn_audit"
     copy = tmp_path / "attn_audit"
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
     code = (

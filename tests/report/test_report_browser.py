@@ -35,7 +35,7 @@ from attn_audit.report import get_renderer
 from tests.synthetic import make_result
 
 CHROMIUM = "/usr/bin/chromium"
-ACTUAL = Path(__file__).resolve().parent / "actual"
+ACTUAL = Path(__file__).resolve().parents[1] / "actual"
 TIMEOUT = 90
 
 XSS_SCRIPT = "<script>alert(1)</script>"

@@ -26,7 +26,7 @@ from attn_audit.rank import rank_and_plan
 from attn_audit.result import AuditResult
 from tests.synthetic import make_result
 
-EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "examples" / "policy.toml"
+EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.toml"
 
 
 def _result(saving: float = 0.21, rows: bool = True, **data: Any) -> AuditResult:

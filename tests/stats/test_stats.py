@@ -366,7 +366,7 @@ REPS = 100
 CASES = [(1000, 32), (4000, 32), (1000, 64), (4000, 64), (1000, 1), (4000, 1)]
 SMALL_CASES = [(50, 1), (50, 4), (200, 1), (200, 4)]  # row-logit sized samples
 SMALL_REPS = 150
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rejections(kind: str, n: int, d: int, reps: int) -> tuple[int, dict[str, int]]:
