@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from attn_audit import AuditConfig, AuditResult, audit, render
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ENV, ROOT, run_python
 
 
 def test_import_does_not_pull_torch():
     code = "import attn_audit, attn_audit.result, attn_audit.gate, attn_audit.report, attn_audit.export, attn_audit.rank, sys; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert run_python(code).stdout.strip() == "False"
 
 
 def test_audit_on_loaded_model_round_trips(tmp_path, minilm):
@@ -35,7 +32,7 @@ def test_audit_on_loaded_model_round_trips(tmp_path, minilm):
 @pytest.mark.slow
 def test_api_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "api_example.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "first to make sparse: L" in proc.stdout
     assert (tmp_path / "audit.json").is_file()

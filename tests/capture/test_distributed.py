@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from tests import helpers
 from tests.test_reliability import _close, _strip
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-       "OMP_NUM_THREADS": "1"}
+ENV = {**helpers.ENV, "OMP_NUM_THREADS": "1"}
 
 
 def _run(args: list[str], out, nproc: int) -> dict:

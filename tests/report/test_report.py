@@ -10,9 +10,6 @@ import html
 import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,14 +21,14 @@ from attn_audit.report import (
     file_name,
     for_path,
     get_renderer,
-    render,
     headline,
+    render,
     verdict_line,
 )
 from attn_audit.result import AuditResult
+from tests.helpers import ROOT, run_python
 from tests.synthetic import make_result
 
-ROOT = Path(__file__).resolve().parents[2]
 GOLD = ROOT / "tests" / "gold"
 ACTUAL = ROOT / "tests" / "actual"
 
@@ -575,7 +572,5 @@ def test_rendering_never_imports_torch() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not bad, bad\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    proc = run_python(code, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from attn_audit.config import MeasureSpec
 from attn_audit.errors import ConfigError
-from attn_audit.rows import dispatch as rows_mod
 from attn_audit.rows import RowMetrics, reference_row_metrics, row_metrics
+from attn_audit.rows import dispatch as rows_mod
 
 NINF = float("-inf")
 BACKENDS = ["cpu", "torch"]  # the compiled CPU kernel and the vectorised torch kernel

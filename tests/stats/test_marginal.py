@@ -15,14 +15,13 @@ import pytest
 from scipy import special as spc
 from scipy import stats as sps
 
-from attn_audit.stats import henze_zirkler, whitening
+from attn_audit.stats import bh_adjust, bh_adjust_rows, henze_zirkler, whitening
 from attn_audit.stats.assess import (
     GaussianityThresholds,
     assess_gaussianity,
     assess_gaussianity_batch,
 )
 from attn_audit.stats.marginal import coordinate_stats, coordinate_stats_many
-from attn_audit.stats import bh_adjust, bh_adjust_rows
 from attn_audit.stats.normality_tests import shapiro_wilk
 
 

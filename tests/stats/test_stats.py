@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from attn_audit.stats import henze_zirkler, mardia, whitening
 from attn_audit.stats import (
     TESTS,
     VERDICTS,
@@ -31,8 +30,15 @@ from attn_audit.stats import (
     bh_adjust,
     bh_adjust_joint,
     coordinate_stats,
+    henze_zirkler,
+    mardia,
+    whitening,
 )
-from attn_audit.stats.normality_tests import anderson_pvalue, lilliefors_null_quantile, lilliefors_pvalue
+from attn_audit.stats.normality_tests import (
+    anderson_pvalue,
+    lilliefors_null_quantile,
+    lilliefors_pvalue,
+)
 
 # --------------------------------------------------------------------------- generators
 
