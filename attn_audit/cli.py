@@ -21,14 +21,17 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from pathlib import Path
 from typing import Any, NoReturn
 
-from attn_audit.errors import AttnAuditError, ConfigError, ExitCode
+from attn_audit.config import MAX_COUNT, MAX_LENGTH, check_int
+from attn_audit.errors import AttnAuditError, ConfigError, ExitCode, one_line
 
 EXIT_CODES = """exit codes:
   0  the audit ran and every check passed
   1  the audit ran and a --fail-if / --policy check failed
-  2  usage or configuration error (bad option, expression, policy, audit.json)
-  3  could not run (model, data, capture, output)
+  2  usage or configuration error (bad option, expression, policy, --load file)
+  3  could not run (model, data, capture, checkpoint, output directory or files)
   4  nothing was measured (no rows); never counts as a pass
+  5  internal error (a bug): one line here, the traceback with --debug
+  130 interrupted
 """
 
 
@@ -98,14 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def slug(name: str) -> str:
-    """A file-system-safe name for a model id or path."""
-    import re
-
-    base = Path(name).name if ("/" in name and Path(name).exists()) else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", base).strip("_") or "model"
-
-
 def _formats(text: str) -> list[str]:
     from attn_audit.report import FORMATS
 
@@ -169,19 +164,42 @@ def main(argv: list[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    locks: list[Any] = []
     try:
-        return _main(ns)
+        return _main(ns, locks)
     except AttnAuditError as exc:
         if ns.debug:
             raise
-        sys.stderr.write(f"attn-audit: error: {exc}\n")
-        return int(exc.exit_code)
+        return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("attn-audit: interrupted\n")
         return int(ExitCode.INTERRUPTED)
+    except MemoryError:
+        if ns.debug:
+            raise
+        return _fail("out of memory; lower --num-sequences, --seq-len or --batch-size", ExitCode.CANNOT_RUN)
+    except OSError as exc:  # a full disk, a vanished file, a permission changed mid-run
+        if ns.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}", ExitCode.CANNOT_RUN)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line and its own code, never 1
+        if ns.debug:
+            raise
+        return _fail(f"internal error ({type(exc).__name__}: {exc}); this is a bug in attn-audit, rerun "
+                     "with --debug for the traceback", ExitCode.INTERNAL)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
-def _main(ns: argparse.Namespace) -> int:
+def _fail(message: str, code: ExitCode) -> int:
+    """Write ``message`` as one line (control characters escaped, at most 600 characters)."""
+    sys.stderr.write(f"attn-audit: error: {one_line(message, 600)}\n")
+    return int(code)
+
+
+def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
     if ns.list_models:
         sys.stdout.write(_list_models())
         return 0
@@ -194,8 +212,8 @@ def _main(ns: argparse.Namespace) -> int:
         raise ConfigError("no MODEL given; e.g. attn-audit smollm2-135m-instruct (see --list-models)")
     # ---- everything below is validated before any model is loaded ----
     from attn_audit import gate
-    from attn_audit.config import check_out_dir
     from attn_audit.export import parse_export_names
+    from attn_audit.outdir import OutLock, check_out_dir, default_out, planned_files
 
     formats = _formats(ns.format)
     checks = [gate.parse(e) for e in ns.fail_if]
@@ -207,12 +225,23 @@ def _main(ns: argparse.Namespace) -> int:
         raise ConfigError("--verify and --resume need the model; they cannot be combined with --load")
     if ns.resume and ns.force:
         raise ConfigError("--resume continues a run and --force starts over; pass only one")
-    if ns.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every {ns.checkpoint_every} must be at least 1")
-    out = Path(ns.out) if ns.out else Path("attn-audit-out") / slug(ns.model or Path(ns.load).parent.name or "audit")
-    writes_files = any(f != "terminal" for f in formats) or bool(exports)
+    check_int("--checkpoint-every", ns.checkpoint_every, 1, MAX_COUNT)
+    if ns.target_len is not None:
+        check_int("--target-len", ns.target_len, 2, MAX_LENGTH)
+    if ns.out is not None and not ns.out.strip():
+        raise ConfigError("--out is empty; give a directory")
+    if ns.load:
+        from attn_audit.errors import ResultFileError
+        from attn_audit.outdir import regular_file
+
+        regular_file(ns.load, "--load file", ResultFileError)
+    out = Path(ns.out) if ns.out else default_out(ns.model or Path(ns.load).resolve().parent.name or "audit")
+    planned = planned_files(formats, exports)
+    writes_files = bool(planned)
     if writes_files:
-        check_out_dir(out, force=ns.force or bool(ns.load), resume=ns.resume)
+        check_out_dir(out, planned, force=ns.force, resume=ns.resume)
+        locks.append(OutLock(out).acquire())
+        check_out_dir(out, planned, force=ns.force, resume=ns.resume)  # again, now that --out is ours
     # ---- run or load ----
     from attn_audit.result import AuditResult
 
