@@ -48,7 +48,7 @@ def audit(
         ranks return None.
     """
     from attn_audit.assemble import assemble
-    from attn_audit.capture import capture_length, distributed, fingerprint
+    from attn_audit.capture import capture_length, distributed, run_parts
     from attn_audit.load import check_family, model_info
     from attn_audit.provenance import run_block
     from attn_audit.rank import PlanConfig, rank_and_plan
@@ -63,10 +63,11 @@ def audit(
     # data: deterministic, non-overlapping sequences per length (+ held-out ones for verify)
     all_data, spec = _sequences(dataset, tokenizer, config, info, vocab=getattr(model.config, "vocab_size", None))
     pad = pad_id(tokenizer)
-    if checkpoint is not None:
+    if checkpoint is not None:  # bound to this run: options, model, weights, data, versions
         from dataclasses import asdict
 
-        checkpoint.begin(fingerprint(info["name"], info["num_layers"], asdict(config), hash_sequences(all_data)))
+        held = TokenData(seq_len=0, sequences=[s for td in all_data for s in td.held_out], kind="", documents=0)
+        checkpoint.begin(run_parts(info, asdict(config), model, hash_sequences(all_data), held.token_hash()))
 
     # capture: one pass over each length's sequences (no checkpoint after the last batch of the
     # last length: the audit is written next)
