@@ -247,29 +247,42 @@ def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
 
     if ns.load:
         result = AuditResult.load(ns.load)
-        from attn_audit.rank import PlanConfig, ensure_plan, rank_and_plan
+        try:
+            return _finish_loaded(ns, result, formats, checks, exports, out)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as exc:
+            # the schema checks every field the renderers read; this is the net under it
+            from attn_audit.errors import ResultFileError
 
-        if ns.target_len:  # re-plan for another deployment length
-            rank_and_plan(result, PlanConfig(target_len=ns.target_len))
-        else:
-            ensure_plan(result, PlanConfig())
-    else:
-        result = _run(ns, config, out if writes_files else None)
-        if result is None:  # a torchrun rank other than 0: rank 0 writes everything
-            from attn_audit.capture.distributed import shutdown
-
-            shutdown()
-            return 0
-    code = _finish(ns, result, formats, checks, exports, out)
-    if not ns.load and writes_files:
-        from attn_audit.capture.checkpoint import Checkpointer
-
-        Checkpointer(out).clear()
-    if not ns.load:
+            raise ResultFileError(
+                f"{ns.load} holds a value attn-audit cannot use ({type(exc).__name__}: {exc}); if the file is "
+                "an unmodified audit.json this is a bug, rerun with --debug"
+            ) from None
+    result = _run(ns, config, out if writes_files else None)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes everything
         from attn_audit.capture.distributed import shutdown
 
         shutdown()
+        return 0
+    code = _finish(ns, result, formats, checks, exports, out)
+    if writes_files:
+        from attn_audit.capture.checkpoint import Checkpointer
+
+        Checkpointer(out).clear()
+    from attn_audit.capture.distributed import shutdown
+
+    shutdown()
     return code
+
+
+def _finish_loaded(ns: argparse.Namespace, result: Any, formats: list[str], checks: list[Any], exports: list[str],
+                   out: Path) -> int:
+    from attn_audit.rank import PlanConfig, ensure_plan, rank_and_plan
+
+    if ns.target_len:  # re-plan for another deployment length
+        rank_and_plan(result, PlanConfig(target_len=ns.target_len))
+    else:
+        ensure_plan(result, PlanConfig())
+    return _finish(ns, result, formats, checks, exports, out)
 
 
 def _run(ns: argparse.Namespace, config: Any, out: Path | None) -> Any:
@@ -313,7 +326,7 @@ def _finish(ns: argparse.Namespace, result: Any, formats: list[str], checks: lis
         sys.stdout.write(get_renderer("terminal").render(result, no_color=ns.no_color))
     for path in written:
         sys.stderr.write(f"wrote {path}\n")
-    sys.stderr.write(verdict_line(result) + "\n")
+    sys.stderr.write(one_line(verdict_line(result), 1000) + "\n")
     return int(outcome.exit_code)
 
 

@@ -188,18 +188,35 @@ class AuditResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditResult:
-        """Read an ``audit.json``; raises :class:`ResultFileError` with a one-line reason."""
-        p = Path(path)
+        """Read an untrusted ``audit.json``: a regular file of at most 256 MB, strict UTF-8 JSON,
+        then every field checked (:mod:`attn_audit.schema`); raises :class:`ResultFileError` with
+        a one-line reason."""
+        from attn_audit import schema
+        from attn_audit.outdir import regular_file
+
+        p = regular_file(path, "--load file", ResultFileError)
         try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ResultFileError(f"{p} does not exist; pass the audit.json an earlier run wrote") from None
+            if p.stat().st_size > schema.MAX_BYTES:
+                raise ResultFileError(f"{p} is larger than {schema.MAX_BYTES >> 20} MB; is it an audit.json?")
+            text = p.read_bytes().decode("utf-8")
         except OSError as exc:
             raise ResultFileError(f"cannot read {p}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ResultFileError(f"{p} is not UTF-8 text (byte {exc.start}); is it an audit.json?") from None
+
+        def no_constant(name: str) -> Any:
+            raise ValueError(f"{name} is not strict JSON")
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=no_constant)
         except json.JSONDecodeError as exc:
             raise ResultFileError(
                 f"{p} is not valid JSON (line {exc.lineno}); it may be truncated or corrupt, re-run the audit"
             ) from None
-        return cls.from_dict(data, source=str(p))
+        except (ValueError, RecursionError) as exc:
+            what = "nests too deeply" if isinstance(exc, RecursionError) else f"is not valid JSON ({exc})"
+            raise ResultFileError(f"{p} {what}; is it an audit.json written by attn-audit?") from None
+        schema.check_bounds(data, str(p))
+        result = cls.from_dict(data, source=str(p))
+        schema.validate(result.data, str(p))
+        return result
