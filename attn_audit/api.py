@@ -13,7 +13,14 @@ from typing import Any
 
 from attn_audit import __version__
 from attn_audit.config import AuditConfig
-from attn_audit.data import DataSpec, TokenData, build_sequences, hash_sequences, pad_id
+from attn_audit.data import (
+    DataSpec,
+    TokenData,
+    build_sequences,
+    hash_sequences,
+    pad_id,
+    split_long,
+)
 from attn_audit.errors import ConfigError
 from attn_audit.progress import NullProgress, Progress
 from attn_audit.result import SCHEMA_VERSION, AuditResult
@@ -116,7 +123,7 @@ def _sequences(dataset: DataSpec | str | Sequence[str] | None, tokenizer: Any, c
         spec = DataSpec(spec=dataset)
     else:
         spec = DataSpec(spec="<in-memory texts>")
-        texts = [t for t in dataset if isinstance(t, str) and t.strip()]
+        texts = [piece for t in dataset if isinstance(t, str) for piece in split_long(t)]
     all_data = build_sequences(
         spec,
         tokenizer,

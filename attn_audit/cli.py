@@ -235,6 +235,11 @@ def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
         from attn_audit.outdir import regular_file
 
         regular_file(ns.load, "--load file", ResultFileError)
+    else:
+        from attn_audit.data import check_local_file, is_local
+
+        if is_local(ns.dataset):  # a missing or unreadable file is reported before the model loads
+            check_local_file(ns.dataset)
     out = Path(ns.out) if ns.out else default_out(ns.model or Path(ns.load).resolve().parent.name or "audit")
     planned = planned_files(formats, exports)
     writes_files = bool(planned)
