@@ -13,6 +13,7 @@ and sequences held out for verification come after all audited ones.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sysconfig
@@ -76,8 +77,12 @@ def _check_utf8(path: Path) -> None:
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:
+                if not chunk:  # an incomplete sequence at the very end
+                    raise DatasetError(f"dataset file {path}, line {line}: not UTF-8 text (cut-off character "
+                                       "at the end)") from None
                 line += chunk[: exc.start].count(b"\n")
-                raise DatasetError(f"dataset file {path}, line {line}: not UTF-8 text (byte 0x{chunk[exc.start]:02x})") from None
+                raise DatasetError(f"dataset file {path}, line {line}: not UTF-8 text "
+                                   f"(byte 0x{chunk[exc.start]:02x})") from None
             if not chunk:
                 return
             line += chunk.count(b"\n")
@@ -103,6 +108,65 @@ def read_text_documents(path: Path) -> list[str]:
             if not chunk:
                 break
     return [d for d in docs if d]
+
+
+class Records:
+    """Rows of a local JSON / CSV file with the two things :func:`load_records` asks of a
+    ``datasets.Dataset``: ``column_names`` and ``records[column]`` (a list, None where missing)."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+        self.column_names = list(dict.fromkeys(k for r in rows for k in r))
+
+    def __getitem__(self, column: str) -> list[Any]:
+        return [r.get(column) for r in self.rows]
+
+
+def read_json_records(path: Path) -> Records:
+    """A ``.jsonl`` (one object per line) or ``.json`` (a list of objects, or JSON lines) file,
+    parsed with Python's json module line by line: a bad line is named, nothing reaches a C
+    parser (pyarrow's JSON reader crashes on some malformed input)."""
+    if path.suffix.lower() == ".json":
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            whole = None  # maybe JSON lines: parsed below with line numbers
+        if isinstance(whole, list):
+            bad = next((i for i, r in enumerate(whole) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DatasetError(f"dataset file {path}: item {bad + 1} of the list is not an object")
+            return Records(whole)
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                raise DatasetError(f"dataset file {path}, line {n}: not valid JSON") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"dataset file {path}, line {n}: a record must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise DatasetError(f"dataset file {path} holds no records")
+    return Records(rows)
+
+
+def read_csv_records(path: Path) -> Records:
+    """A ``.csv`` file with a header row, read with Python's csv module (every value is text)."""
+    import csv
+
+    csv.field_size_limit(1 << 27)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = [dict(r) for r in csv.DictReader(fh)]
+    except csv.Error as exc:
+        raise DatasetError(f"dataset file {path}: not valid CSV ({exc})") from None
+    rows = [{k: v for k, v in r.items() if isinstance(k, str)} for r in rows]  # extra cells have no column
+    if not rows:
+        raise DatasetError(f"dataset file {path} holds no records")
+    return Records(rows)
 
 
 def _cut(text: str) -> tuple[str, str]:
@@ -199,6 +263,7 @@ def _hub_or_file(spec: DataSpec) -> Any:
             return None  # read directly, see load_records
         if builder in ("json", "csv"):
             _check_utf8(path)
+            return read_json_records(path) if builder == "json" else read_csv_records(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
         except Exception as exc:  # noqa: BLE001 - datasets raises many kinds here

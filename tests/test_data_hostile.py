@@ -133,3 +133,10 @@ def test_model_directory_with_a_bad_config_names_the_directory(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="cannot read the model in directory"):
         load_model(str(tmp_path))
+
+
+def test_a_cut_off_utf8_character_at_the_end_is_named(tmp_path):
+    p = tmp_path / "d.txt"
+    p.write_bytes(b"words here\n\xc2")
+    with pytest.raises(DatasetError, match=r"line 2: not UTF-8 text \(cut-off character"):
+        load_records(DataSpec(str(p)))
