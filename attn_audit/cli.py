@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output directory (default attn-audit-out/<model-slug>)")
     o.add_argument("--format", default="terminal,json,md,html", help="any of terminal,json,md,html (default all)")
-    o.add_argument("--force", action="store_true", help="overwrite an existing audit in --out")
+    o.add_argument("--force", action="store_true", help="overwrite files in --out that the run writes (audit, reports, exports) and start over from a checkpoint")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint in --out")
     o.add_argument("--checkpoint-every", type=int, default=16, metavar="N",
                    help="save a checkpoint every N sequences (default 16)")
