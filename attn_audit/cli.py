@@ -245,8 +245,9 @@ def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
     writes_files = bool(planned)
     if writes_files:
         check_out_dir(out, planned, force=ns.force, resume=ns.resume)
-        locks.append(OutLock(out).acquire())
-        check_out_dir(out, planned, force=ns.force, resume=ns.resume)  # again, now that --out is ours
+        if os.environ.get("RANK", "0") in ("0", ""):  # under torchrun only rank 0 writes, and locks
+            locks.append(OutLock(out).acquire())
+            check_out_dir(out, planned, force=ns.force, resume=ns.resume)  # again, now that --out is ours
     # ---- run or load ----
     from attn_audit.result import AuditResult
 

@@ -132,3 +132,14 @@ def test_a_refused_run_leaves_no_empty_out_behind(tmp_path):
     out = tmp_path / "new"
     assert main(["--load", str(bad), "--format", "md", "--out", str(out)]) == ExitCode.USAGE
     assert not out.exists()
+
+
+def test_only_rank_0_locks_under_torchrun(tmp_path, audit_json, monkeypatch):
+    """torchrun starts every rank with the same --out: the ranks that write nothing take no lock."""
+    out = tmp_path / "out"
+    lock = OutLock(out).acquire()
+    try:
+        monkeypatch.setenv("RANK", "1")
+        assert main(["--load", audit_json, "--format", "md", "--out", str(out)]) == ExitCode.OK
+    finally:
+        lock.release()
