@@ -13,7 +13,14 @@ from typing import Any
 
 from attn_audit import __version__
 from attn_audit.config import AuditConfig
-from attn_audit.data import DataSpec, TokenData, build_sequences, hash_sequences, pad_id
+from attn_audit.data import (
+    DataSpec,
+    TokenData,
+    build_sequences,
+    hash_sequences,
+    pad_id,
+    split_long,
+)
 from attn_audit.errors import ConfigError
 from attn_audit.progress import NullProgress, Progress
 from attn_audit.result import SCHEMA_VERSION, AuditResult
@@ -48,7 +55,7 @@ def audit(
         ranks return None.
     """
     from attn_audit.assemble import assemble
-    from attn_audit.capture import capture_length, distributed, fingerprint
+    from attn_audit.capture import capture_length, distributed, run_parts
     from attn_audit.load import check_family, model_info
     from attn_audit.provenance import run_block
     from attn_audit.rank import PlanConfig, rank_and_plan
@@ -63,10 +70,11 @@ def audit(
     # data: deterministic, non-overlapping sequences per length (+ held-out ones for verify)
     all_data, spec = _sequences(dataset, tokenizer, config, info, vocab=getattr(model.config, "vocab_size", None))
     pad = pad_id(tokenizer)
-    if checkpoint is not None:
+    if checkpoint is not None:  # bound to this run: options, model, weights, data, versions
         from dataclasses import asdict
 
-        checkpoint.begin(fingerprint(info["name"], info["num_layers"], asdict(config), hash_sequences(all_data)))
+        held = TokenData(seq_len=0, sequences=[s for td in all_data for s in td.held_out], kind="", documents=0)
+        checkpoint.begin(run_parts(info, asdict(config), model, hash_sequences(all_data), held.token_hash()))
 
     # capture: one pass over each length's sequences (no checkpoint after the last batch of the
     # last length: the audit is written next)
@@ -127,7 +135,7 @@ def _sequences(dataset: DataSpec | str | Sequence[str] | None, tokenizer: Any, c
         spec = DataSpec(spec=dataset)
     else:
         spec = DataSpec(spec="<in-memory texts>")
-        texts = [t for t in dataset if isinstance(t, str) and t.strip()]
+        texts = [piece for t in dataset if isinstance(t, str) for piece in split_long(t)]
     all_data = build_sequences(
         spec,
         tokenizer,

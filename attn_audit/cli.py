@@ -21,14 +21,17 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from pathlib import Path
 from typing import Any, NoReturn
 
-from attn_audit.errors import AttnAuditError, ConfigError, ExitCode
+from attn_audit.config import MAX_COUNT, MAX_LENGTH, check_int
+from attn_audit.errors import AttnAuditError, ConfigError, ExitCode, one_line
 
 EXIT_CODES = """exit codes:
   0  the audit ran and every check passed
   1  the audit ran and a --fail-if / --policy check failed
-  2  usage or configuration error (bad option, expression, policy, audit.json)
-  3  could not run (model, data, capture, output)
+  2  usage or configuration error (bad option, expression, policy, --load file)
+  3  could not run (model, data, capture, checkpoint, output directory or files)
   4  nothing was measured (no rows); never counts as a pass
+  5  internal error (a bug): one line here, the traceback with --debug
+  130 interrupted
 """
 
 
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output directory (default attn-audit-out/<model-slug>)")
     o.add_argument("--format", default="terminal,json,md,html", help="any of terminal,json,md,html (default all)")
-    o.add_argument("--force", action="store_true", help="overwrite an existing audit in --out")
+    o.add_argument("--force", action="store_true", help="overwrite files in --out that the run writes (audit, reports, exports) and start over from a checkpoint")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint in --out")
     o.add_argument("--checkpoint-every", type=int, default=16, metavar="N",
                    help="save a checkpoint every N sequences (default 16)")
@@ -96,14 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
-
-
-def slug(name: str) -> str:
-    """A file-system-safe name for a model id or path."""
-    import re
-
-    base = Path(name).name if ("/" in name and Path(name).exists()) else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", base).strip("_") or "model"
 
 
 def _formats(text: str) -> list[str]:
@@ -169,19 +164,42 @@ def main(argv: list[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    locks: list[Any] = []
     try:
-        return _main(ns)
+        return _main(ns, locks)
     except AttnAuditError as exc:
         if ns.debug:
             raise
-        sys.stderr.write(f"attn-audit: error: {exc}\n")
-        return int(exc.exit_code)
+        return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("attn-audit: interrupted\n")
         return int(ExitCode.INTERRUPTED)
+    except MemoryError:
+        if ns.debug:
+            raise
+        return _fail("out of memory; lower --num-sequences, --seq-len or --batch-size", ExitCode.CANNOT_RUN)
+    except OSError as exc:  # a full disk, a vanished file, a permission changed mid-run
+        if ns.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}", ExitCode.CANNOT_RUN)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line and its own code, never 1
+        if ns.debug:
+            raise
+        return _fail(f"internal error ({type(exc).__name__}: {exc}); this is a bug in attn-audit, rerun "
+                     "with --debug for the traceback", ExitCode.INTERNAL)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
-def _main(ns: argparse.Namespace) -> int:
+def _fail(message: str, code: ExitCode) -> int:
+    """Write ``message`` as one line (control characters escaped, at most 600 characters)."""
+    sys.stderr.write(f"attn-audit: error: {one_line(message, 600)}\n")
+    return int(code)
+
+
+def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
     if ns.list_models:
         sys.stdout.write(_list_models())
         return 0
@@ -194,8 +212,8 @@ def _main(ns: argparse.Namespace) -> int:
         raise ConfigError("no MODEL given; e.g. attn-audit smollm2-135m-instruct (see --list-models)")
     # ---- everything below is validated before any model is loaded ----
     from attn_audit import gate
-    from attn_audit.config import check_out_dir
     from attn_audit.export import parse_export_names
+    from attn_audit.outdir import OutLock, check_out_dir, default_out, planned_files
 
     formats = _formats(ns.format)
     checks = [gate.parse(e) for e in ns.fail_if]
@@ -207,12 +225,29 @@ def _main(ns: argparse.Namespace) -> int:
         raise ConfigError("--verify and --resume need the model; they cannot be combined with --load")
     if ns.resume and ns.force:
         raise ConfigError("--resume continues a run and --force starts over; pass only one")
-    if ns.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every {ns.checkpoint_every} must be at least 1")
-    out = Path(ns.out) if ns.out else Path("attn-audit-out") / slug(ns.model or Path(ns.load).parent.name or "audit")
-    writes_files = any(f != "terminal" for f in formats) or bool(exports)
+    check_int("--checkpoint-every", ns.checkpoint_every, 1, MAX_COUNT)
+    if ns.target_len is not None:
+        check_int("--target-len", ns.target_len, 2, MAX_LENGTH)
+    if ns.out is not None and not ns.out.strip():
+        raise ConfigError("--out is empty; give a directory")
+    if ns.load:
+        from attn_audit.errors import ResultFileError
+        from attn_audit.outdir import regular_file
+
+        regular_file(ns.load, "--load file", ResultFileError)
+    else:
+        from attn_audit.data import check_local_file, is_local
+
+        if is_local(ns.dataset):  # a missing or unreadable file is reported before the model loads
+            check_local_file(ns.dataset)
+    out = Path(ns.out) if ns.out else default_out(ns.model or Path(ns.load).resolve().parent.name or "audit")
+    planned = planned_files(formats, exports)
+    writes_files = bool(planned)
     if writes_files:
-        check_out_dir(out, force=ns.force or bool(ns.load), resume=ns.resume)
+        check_out_dir(out, planned, force=ns.force, resume=ns.resume)
+        if os.environ.get("RANK", "0") in ("0", ""):  # under torchrun only rank 0 writes, and locks
+            locks.append(OutLock(out).acquire())
+            check_out_dir(out, planned, force=ns.force, resume=ns.resume)  # again, now that --out is ours
     if ns.model and ns.model.endswith(".gguf") and Path(ns.model).expanduser().is_file():
         from attn_audit.load import check_gguf
 
@@ -222,23 +257,31 @@ def _main(ns: argparse.Namespace) -> int:
     if ns.load:
         from attn_audit.api import load_audit
 
-        result = load_audit(ns.load, target_len=ns.target_len or None)
-    else:
-        result = _run(ns, config, out if writes_files else None)
-        if result is None:  # a torchrun rank other than 0: rank 0 writes everything
-            from attn_audit.capture.distributed import shutdown
+        try:
+            result = load_audit(ns.load, target_len=ns.target_len or None)
+            return _finish(ns, result, formats, checks, exports, out)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as exc:
+            # the schema checks every field the renderers read; this is the net under it
+            from attn_audit.errors import ResultFileError
 
-            shutdown()
-            return 0
-    code = _finish(ns, result, formats, checks, exports, out)
-    if not ns.load and writes_files:
-        from attn_audit.capture.checkpoint import Checkpointer
-
-        Checkpointer(out).clear()
-    if not ns.load:
+            raise ResultFileError(
+                f"{ns.load} holds a value attn-audit cannot use ({type(exc).__name__}: {exc}); if the file is "
+                "an unmodified audit.json this is a bug, rerun with --debug"
+            ) from None
+    result = _run(ns, config, out if writes_files else None)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes everything
         from attn_audit.capture.distributed import shutdown
 
         shutdown()
+        return 0
+    code = _finish(ns, result, formats, checks, exports, out)
+    if writes_files:
+        from attn_audit.capture.checkpoint import Checkpointer
+
+        Checkpointer(out).clear()
+    from attn_audit.capture.distributed import shutdown
+
+    shutdown()
     return code
 
 
@@ -283,7 +326,7 @@ def _finish(ns: argparse.Namespace, result: Any, formats: list[str], checks: lis
         sys.stdout.write(get_renderer("terminal").render(result, no_color=ns.no_color))
     for path in written:
         sys.stderr.write(f"wrote {path}\n")
-    sys.stderr.write(verdict_line(result) + "\n")
+    sys.stderr.write(one_line(verdict_line(result), 1000) + "\n")
     return int(outcome.exit_code)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from attn_audit.errors import ConfigError
 
@@ -14,6 +14,29 @@ DEVICES = ("cpu", "cuda", "auto")
 
 
 PRIMARY_EPS = 0.05
+
+# Documented ranges of the integer options (README, "Options and their ranges"). Values beyond
+# them are refused with one line before any model loads instead of overflowing a C integer or
+# allocating without bound later.
+MAX_LENGTH = 1 << 20  # --seq-len, --target-len, --budgets, --sinks, --window, --min-keys, --rows-per-sequence
+MAX_COUNT = 1_000_000  # --num-sequences, --verify-sequences, --checkpoint-every
+MAX_BATCH = 4096  # --batch-size
+MAX_RESERVOIR = 1 << 16  # --reservoir-size
+MAX_EPS = 32  # values of --eps (and of --budgets, --seq-len)
+MAX_SEED = 2**32 - 1  # --seed (numpy and torch generators take 0..2**32-1)
+
+
+def check_int(option: str, value: object, lo: int, hi: int) -> int:
+    """``value`` if it is an integer (not a bool) in ``[lo, hi]``; else :class:`ConfigError`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # int, numpy integers; not float, str or bool
+    except TypeError:
+        raise ConfigError(f"{option} {value!r} is not an integer") from None
+    if not lo <= number <= hi:
+        raise ConfigError(f"{option} {number} is outside the range {lo}..{hi}")
+    return number
 
 
 def primary_eps_index(eps: Sequence[float]) -> int:
@@ -50,6 +73,8 @@ class MeasureSpec:
 
     def __post_init__(self) -> None:
         raw = tuple(self.eps)
+        if len(raw) > MAX_EPS:
+            raise ConfigError(f"--eps lists {len(raw)} values; give at most {MAX_EPS}")
         keys = tuple(e.strip() if isinstance(e, str) else repr(float(e)) for e in raw)
         values = []
         for k in keys:
@@ -64,20 +89,18 @@ class MeasureSpec:
             raise ConfigError(f"--eps lists a value twice: {','.join(keys)}")
         object.__setattr__(self, "eps", tuple(values))
         object.__setattr__(self, "eps_keys", keys)
-        object.__setattr__(self, "budgets", tuple(int(b) for b in self.budgets))
-        for b in self.budgets:
-            if b < 1:
-                raise ConfigError(f"--budgets {b} must be a positive number of keys")
-        checks = [
-            (self.min_keys >= 1, f"--min-keys {self.min_keys} must be at least 1"),
-            (self.rows_per_sequence is None or self.rows_per_sequence >= 1,
-             f"--rows-per-sequence {self.rows_per_sequence} must be at least 1"),
-            (self.sinks >= 0, f"--sinks {self.sinks} must be 0 or more"),
-            (self.window >= 0, f"--window {self.window} must be 0 or more"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        budgets = tuple(self.budgets)
+        if not budgets:
+            raise ConfigError("--budgets is empty; give values like 16,64,256")
+        if len(budgets) > MAX_EPS:
+            raise ConfigError(f"--budgets lists {len(budgets)} values; give at most {MAX_EPS}")
+        object.__setattr__(self, "budgets", tuple(check_int("--budgets", b, 1, MAX_LENGTH) for b in budgets))
+        object.__setattr__(self, "min_keys", check_int("--min-keys", self.min_keys, 1, MAX_LENGTH))
+        if self.rows_per_sequence is not None:
+            object.__setattr__(self, "rows_per_sequence",
+                               check_int("--rows-per-sequence", self.rows_per_sequence, 1, MAX_LENGTH))
+        object.__setattr__(self, "sinks", check_int("--sinks", self.sinks, 0, MAX_LENGTH))
+        object.__setattr__(self, "window", check_int("--window", self.window, 0, MAX_LENGTH))
 
     @property
     def exact(self) -> bool:
@@ -113,27 +136,28 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
-        object.__setattr__(self, "seq_lens", tuple(int(n) for n in self.seq_lens))
+        object.__setattr__(self, "seq_lens", tuple(self.seq_lens))
         if not self.seq_lens:
             raise ConfigError("--seq-len is empty; give at least one length (e.g. 512)")
         if not self.measure.eps:
             raise ConfigError("--eps is empty; give values like 0.01,0.05,0.1")
-        for n in self.seq_lens:
-            if n < 2:
-                raise ConfigError(f"--seq-len {n} is too short; use at least 2 tokens (e.g. 512)")
+        if len(self.seq_lens) > MAX_EPS:
+            raise ConfigError(f"--seq-len lists {len(self.seq_lens)} lengths; give at most {MAX_EPS}")
+        object.__setattr__(self, "seq_lens", tuple(check_int("--seq-len", n, 2, MAX_LENGTH) for n in self.seq_lens))
         if len(set(self.seq_lens)) != len(self.seq_lens):
             raise ConfigError(f"--seq-len lists a length twice: {','.join(map(str, self.seq_lens))}")
-        checks = [
-            (self.num_sequences >= 1, f"--num-sequences {self.num_sequences} must be at least 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
-            (self.reservoir_size >= 16, f"--reservoir-size {self.reservoir_size} must be at least 16"),
-            (0.0 < self.max_ppl_increase < 10.0, f"--max-ppl-increase {self.max_ppl_increase} must be in (0, 10)"),
-            (self.target_len is None or self.target_len >= 2, f"--target-len {self.target_len} must be at least 2"),
-            (self.verify_sequences >= 1, f"--verify-sequences {self.verify_sequences} must be at least 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        check_int("--num-sequences", self.num_sequences, 1, MAX_COUNT)
+        check_int("--batch-size", self.batch_size, 1, MAX_BATCH)
+        check_int("--seed", self.seed, 0, MAX_SEED)
+        check_int("--reservoir-size", self.reservoir_size, 16, MAX_RESERVOIR)
+        if self.target_len is not None:
+            check_int("--target-len", self.target_len, 2, MAX_LENGTH)
+        check_int("--verify-sequences", self.verify_sequences, 1, MAX_COUNT)
+        ppl = self.max_ppl_increase
+        if isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not 0.0 < ppl < 10.0:
+            raise ConfigError(f"--max-ppl-increase {ppl} must be a number in (0, 10)")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"--device {self.device!r} is not one of cpu, cuda, cuda:N, auto")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"--device {self.device} is not one of cpu, cuda, cuda:N, auto")
 
@@ -153,18 +177,3 @@ def parse_eps(text: str) -> tuple[str, ...]:
     """Split "0.01,0.05" keeping each value as written (they key audit.json); validated by
     :class:`MeasureSpec`."""
     return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def check_out_dir(out: Path, *, force: bool, resume: bool) -> None:
-    """Fail early if ``out`` cannot be written or holds an audit we would overwrite."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory")
-    if (out / "audit.json").exists() and not (force or resume):
-        raise ConfigError(f"--out {out} already holds an audit.json; pass --force to overwrite or --resume")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    import os
-
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"--out {out} is not writable; choose another directory")

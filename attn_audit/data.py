@@ -13,10 +13,10 @@ and sequences held out for verification come after all audited ones.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,167 @@ from attn_audit.errors import DatasetError
 
 BUNDLED = "bundled:fortunes"
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: Text is tokenized in pieces of at most this many characters, so one huge line or paragraph never
+#: reaches the tokenizer whole (a 50 MB single-line file would need GBs of tokenizer memory).
+MAX_DOC_CHARS = 100_000
+#: Characters handed to the tokenizer in one call.
+BATCH_CHARS = 1_000_000
+_READ_CHUNK = 1 << 20
+
+
+def dataset_cache() -> Path:
+    """Where datasets' Arrow caches go: ``<user cache>/attn-audit/datasets`` (``$ATTN_AUDIT_CACHE``,
+    else ``$XDG_CACHE_HOME/attn-audit``, else ``~/.cache/attn-audit``), private to the user."""
+    if os.environ.get("ATTN_AUDIT_CACHE"):
+        base = Path(os.environ["ATTN_AUDIT_CACHE"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attn-audit"
+    return base / "datasets"
+
+
+def is_local(spec: str) -> bool:
+    """Whether ``spec`` names a local file (by its suffix, or because the path exists)."""
+    if spec == BUNDLED:
+        return False
+    path = Path(spec).expanduser()
+    return path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or path.is_symlink()
+
+
+def check_local_file(spec: str) -> Path:
+    """A local dataset path checked before any model loads: a non-empty regular file (not a
+    directory, FIFO or device) with a known suffix."""
+    from attn_audit.outdir import regular_file
+
+    path = regular_file(Path(spec).expanduser(), "dataset file", DatasetError)
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise DatasetError(f"dataset file {spec} has an unknown suffix; use one of {', '.join(LOCAL_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"dataset file {spec} is empty")
+    return path
+
+
+def _check_utf8(path: Path) -> None:
+    """Read ``path`` in 1 MB chunks and name the line of the first byte that is not UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_READ_CHUNK)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                if not chunk:  # an incomplete sequence at the very end
+                    raise DatasetError(f"dataset file {path}, line {line}: not UTF-8 text (cut-off character "
+                                       "at the end)") from None
+                line += chunk[: exc.start].count(b"\n")
+                raise DatasetError(f"dataset file {path}, line {line}: not UTF-8 text "
+                                   f"(byte 0x{chunk[exc.start]:02x})") from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+
+
+def read_text_documents(path: Path) -> list[str]:
+    """Paragraphs (separated by blank lines) of a UTF-8 text file, read in 1 MB chunks; a
+    paragraph longer than :data:`MAX_DOC_CHARS` is cut at whitespace into pieces of at most that."""
+    _check_utf8(path)
+    docs: list[str] = []
+    pending = ""
+    with open(path, encoding="utf-8", newline=None) as fh:
+        while True:
+            chunk = fh.read(_READ_CHUNK)
+            pending += chunk
+            parts = pending.split("\n\n")
+            pending = parts.pop() if chunk else ""
+            for p in parts if chunk else [*parts, pending]:
+                docs.extend(split_long(p.strip()))
+            while len(pending) > MAX_DOC_CHARS:  # one endless paragraph: emit pieces as it grows
+                piece, pending = _cut(pending)
+                docs.append(piece)
+            if not chunk:
+                break
+    return [d for d in docs if d]
+
+
+class Records:
+    """Rows of a local JSON / CSV file with the two things :func:`load_records` asks of a
+    ``datasets.Dataset``: ``column_names`` and ``records[column]`` (a list, None where missing)."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+        self.column_names = list(dict.fromkeys(k for r in rows for k in r))
+
+    def __getitem__(self, column: str) -> list[Any]:
+        return [r.get(column) for r in self.rows]
+
+
+def read_json_records(path: Path) -> Records:
+    """A ``.jsonl`` (one object per line) or ``.json`` (a list of objects, or JSON lines) file,
+    parsed with Python's json module line by line: a bad line is named, nothing reaches a C
+    parser (pyarrow's JSON reader crashes on some malformed input)."""
+    if path.suffix.lower() == ".json":
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            whole = None  # maybe JSON lines: parsed below with line numbers
+        if isinstance(whole, list):
+            bad = next((i for i, r in enumerate(whole) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DatasetError(f"dataset file {path}: item {bad + 1} of the list is not an object")
+            return Records(whole)
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                raise DatasetError(f"dataset file {path}, line {n}: not valid JSON") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"dataset file {path}, line {n}: a record must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise DatasetError(f"dataset file {path} holds no records")
+    return Records(rows)
+
+
+def read_csv_records(path: Path) -> Records:
+    """A ``.csv`` file with a header row, read with Python's csv module (every value is text)."""
+    import csv
+
+    csv.field_size_limit(1 << 27)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = [dict(r) for r in csv.DictReader(fh)]
+    except csv.Error as exc:
+        raise DatasetError(f"dataset file {path}: not valid CSV ({exc})") from None
+    rows = [{k: v for k, v in r.items() if isinstance(k, str)} for r in rows]  # extra cells have no column
+    if not rows:
+        raise DatasetError(f"dataset file {path} holds no records")
+    return Records(rows)
+
+
+def _cut(text: str) -> tuple[str, str]:
+    """Split ``text`` at the last whitespace before :data:`MAX_DOC_CHARS` (or hard there)."""
+    at = max(text.rfind(" ", 0, MAX_DOC_CHARS), text.rfind("\n", 0, MAX_DOC_CHARS))
+    at = at if at > MAX_DOC_CHARS // 2 else MAX_DOC_CHARS
+    return text[:at].strip(), text[at:]
+
+
+def split_long(text: str) -> list[str]:
+    """``text`` as pieces of at most :data:`MAX_DOC_CHARS` characters (itself when short; none
+    when blank)."""
+    if len(text) <= MAX_DOC_CHARS:
+        return [text] if text.strip() else []
+    out = []
+    while len(text) > MAX_DOC_CHARS:
+        piece, text = _cut(text)
+        out.append(piece)
+    out.append(text.strip())
+    return [p for p in out if p]
 
 
 @dataclass(frozen=True)
@@ -94,23 +255,20 @@ def _hub_or_file(spec: DataSpec) -> Any:
     import datasets
 
     path = Path(spec.spec).expanduser()
-    cache = os.path.join(tempfile.gettempdir(), "attn-audit-datasets")
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise DatasetError(f"dataset file {spec.spec} does not exist")
-        builder = LOCAL_SUFFIXES.get(path.suffix.lower())
-        if builder is None:
-            raise DatasetError(
-                f"dataset file {spec.spec} has an unknown suffix; use one of {', '.join(LOCAL_SUFFIXES)}"
-            )
-        if path.stat().st_size == 0:
-            raise DatasetError(f"dataset file {spec.spec} is empty")
+    cache = str(dataset_cache())
+    if is_local(spec.spec):
+        check_local_file(spec.spec)
+        builder = LOCAL_SUFFIXES[path.suffix.lower()]
         if builder == "text":
-            return None  # read directly, see load_texts
+            return None  # read directly, see load_records
+        if builder in ("json", "csv"):
+            _check_utf8(path)
+            return read_json_records(path) if builder == "json" else read_csv_records(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
         except Exception as exc:  # noqa: BLE001 - datasets raises many kinds here
-            raise DatasetError(f"cannot read dataset file {spec.spec}: {type(exc).__name__}: {exc}") from None
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise DatasetError(f"cannot read dataset file {spec.spec}: {type(exc).__name__}: {first}") from None
     name, _, config = spec.spec.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split=spec.split, cache_dir=cache)
@@ -126,14 +284,21 @@ def load_records(spec: DataSpec) -> tuple[str, list[Any]]:
         return "text", bundled_texts()
     ds = _hub_or_file(spec)
     if ds is None:  # a .txt file: documents are paragraphs separated by blank lines
-        raw = Path(spec.spec).expanduser().read_text(encoding="utf-8", errors="replace")
-        docs = [p.strip() for p in raw.split("\n\n") if p.strip()]
+        docs = read_text_documents(Path(spec.spec).expanduser())
         if not docs:
             raise DatasetError(f"dataset file {spec.spec} holds no text")
         return "text", docs
     columns = list(ds.column_names)
     if "input_ids" in columns and Path(spec.spec).suffix.lower() in {".jsonl", ".json", ".parquet"}:
-        rows = [list(r) for r in ds["input_ids"] if r]
+        rows = []
+        for i, r in enumerate(ds["input_ids"]):
+            if r is None:
+                continue
+            if not isinstance(r, (list, tuple)) or not all(type(t) is int for t in r):
+                raise DatasetError(f"dataset {spec.spec}, record {i + 1}: input_ids must be a list of integer "
+                                   f"token ids, not {type(r).__name__}{'' if not isinstance(r, list) else ' of other values'}")
+            if r:
+                rows.append(list(r))
         if not rows:
             raise DatasetError(f"dataset {spec.spec} has an empty input_ids column")
         return "input_ids", rows
@@ -142,7 +307,14 @@ def load_records(spec: DataSpec) -> tuple[str, list[Any]]:
             f"dataset {spec.spec} has no column '{spec.text_column}' (columns: {', '.join(columns)}); "
             "pass --text-column"
         )
-    texts = [t for t in ds[spec.text_column] if isinstance(t, str) and t.strip()]
+    texts = []
+    for i, t in enumerate(ds[spec.text_column]):
+        if t is None:
+            continue
+        if not isinstance(t, str):
+            raise DatasetError(f"dataset {spec.spec}, record {i + 1}: column '{spec.text_column}' holds "
+                               f"{type(t).__name__}, not text")
+        texts.extend(split_long(t))
     if not texts:
         raise DatasetError(f"dataset {spec.spec} has no non-empty text in column '{spec.text_column}'")
     return "text", texts
@@ -163,9 +335,15 @@ def token_stream(texts: Sequence[str], tokenizer: Any, seed: int, needed: int) -
     sep = _separator(tokenizer)
     stream: list[int] = []
     used = 0
-    chunk = 256
-    for start in range(0, len(order), chunk):
-        batch = [texts[i] for i in order[start : start + chunk]]
+    start = 0
+    while start < len(order):
+        batch: list[str] = []  # up to 256 documents and BATCH_CHARS characters per tokenizer call
+        chars = 0
+        while start < len(order) and len(batch) < 256 and (not batch or chars < BATCH_CHARS):
+            text = texts[order[start]]
+            batch.append(text)
+            chars += len(text)
+            start += 1
         enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
         for ids in enc:
             stream.extend(ids)
@@ -224,6 +402,7 @@ def build_sequences(
                 f"dataset {spec.spec} has too few tokens for a sequence of {n} after the shorter "
                 "lengths took theirs; lower --num-sequences or use a larger dataset"
             )
+        _notice_short(spec.spec, n, len(seqs), num_sequences)
         out.append(TokenData(seq_len=n, sequences=seqs, kind="text", documents=docs))
     n = max(seq_lens)
     body = n - wrap
@@ -242,7 +421,7 @@ def _pretokenized(
     rows: list[list[Any]], seq_lens: Sequence[int], num_sequences: int, vocab_size: int | None, held_out: int
 ) -> list[TokenData]:
     for i, row in enumerate(rows):
-        bad = [t for t in row if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size)]
+        bad = [t for t in row if type(t) is not int or t < 0 or (vocab_size is not None and t >= vocab_size)]
         if bad:
             raise DatasetError(
                 f"input_ids row {i} holds id {bad[0]!r} outside the vocabulary (0..{(vocab_size or 0) - 1}); "
@@ -255,9 +434,19 @@ def _pretokenized(
         pos += len(seqs)
         if not seqs:
             raise DatasetError("the input_ids dataset has fewer rows than the lengths need; lower --num-sequences")
+        _notice_short("the input_ids dataset", n, len(seqs), num_sequences)
         out.append(TokenData(seq_len=n, sequences=seqs, kind="input_ids", documents=len(seqs)))
     out[-1].held_out = [r[: max(seq_lens)] for r in rows[pos : pos + held_out]]
     return out
+
+
+def _notice_short(source: str, n: int, got: int, wanted: int) -> None:
+    """One line on stderr when the data holds fewer sequences of ``n`` tokens than asked for."""
+    if 0 < got < wanted:
+        import sys
+
+        sys.stderr.write(f"attn-audit: notice: {source} gives {got} sequence(s) of {n} tokens, fewer than "
+                         f"--num-sequences {wanted}; auditing {got}\n")
 
 
 def batches(sequences: Sequence[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[int, Any, Any]]:

@@ -1,7 +1,9 @@
 """One exception base and the documented exit codes.
 
-The CLI catches only :class:`AttnAuditError` and prints its message as one line on stderr; any
-other exception is a bug and keeps its traceback. Each subclass carries the exit code it maps to.
+The CLI catches :class:`AttnAuditError` and prints its message as one line on stderr with the
+subclass's exit code. Any other exception is a bug: the CLI prints one line naming it, points to
+``--debug`` (which shows the traceback) and exits :attr:`ExitCode.INTERNAL`, never 1, so a CI job
+reading 1 knows that a check failed and nothing else.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ class ExitCode(IntEnum):
 
     OK = 0  # the audit ran and every check passed
     CHECK_FAILED = 1  # the audit ran and at least one --fail-if / policy check failed
-    USAGE = 2  # usage or configuration error (bad option, bad expression, bad policy)
-    CANNOT_RUN = 3  # could not run: model, data, capture, output directory
-    NOTHING_MEASURED = 4  # no row was measured; never counts as a pass
+    USAGE = 2  # usage or configuration error (bad option, expression, policy, --load file)
+    CANNOT_RUN = 3  # could not run: model, data, capture, checkpoint, output directory or files
+    NOTHING_MEASURED = 4  # no row was measured; never counts as a pass (decided by the gate)
+    INTERNAL = 5  # an unexpected exception: a bug in attn-audit (rerun with --debug)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -41,24 +44,39 @@ class UnsupportedFamilyError(AttnAuditError):
 
 
 class DatasetError(AttnAuditError):
-    """The dataset is missing, empty, lacks the column, or holds too few tokens."""
+    """The dataset is missing, empty, lacks the column, holds bad records or too few tokens."""
 
 
 class CaptureError(AttnAuditError):
     """Capturing Q/K failed or measured nothing."""
 
 
+class CheckpointError(AttnAuditError):
+    """A checkpoint in ``--out`` is damaged, foreign (another run) or inconsistent."""
+
+
 class OutputError(AttnAuditError):
-    """The output directory cannot be written, or would overwrite an earlier audit."""
+    """``--out`` cannot be used: not a directory, not writable, locked by another run, holds files
+    the run would overwrite without ``--force``, or a write failed (e.g. a full disk)."""
 
 
 class ResultFileError(AttnAuditError):
-    """A result file given to --load is missing, corrupt or from a newer schema."""
+    """A result file given to --load is missing, corrupt, malformed or from a newer schema."""
 
     exit_code = ExitCode.USAGE
 
 
-class NothingMeasuredError(AttnAuditError):
-    """The run finished but no row was measured."""
-
-    exit_code = ExitCode.NOTHING_MEASURED
+def one_line(text: str, limit: int = 600) -> str:
+    """``text`` as one printable line: control characters (newlines, ESC, ...) shown as escapes,
+    cut to ``limit`` characters. Used for every message and every string from a loaded file that
+    reaches a terminal or a Markdown report."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code < 0xA0 or code in (0x2028, 0x2029) or 0x202A <= code <= 0x202E \
+                or 0x2066 <= code <= 0x2069:
+            out.append(repr(ch)[1:-1] if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    s = "".join(out)
+    return s if len(s) <= limit else s[: limit - 3] + "..."

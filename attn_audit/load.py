@@ -317,6 +317,12 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001
+        if source == "local":  # a directory: say what is wrong with it, not "not in the cache"
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            if "trust_remote_code" in str(exc):
+                raise ModelLoadError(f"'{name}' ships its own model code; pass --trust-remote-code only if "
+                                     "you trust it") from None
+            raise ModelLoadError(f"cannot read the model in directory {name}: {first}") from None
         offline = os.environ.get("HF_HUB_OFFLINE") in {"1", "true", "TRUE", "yes"}
         hint = (
             "it is not in the local cache and HF_HUB_OFFLINE is set; download it once online "
@@ -345,10 +351,26 @@ def load_model(
                 "loaded, so they are refused (pass --allow-pickle if you trust the source)"
             ) from None
         raise ModelLoadError(f"cannot load model '{name}': {msg}") from None
+    check_tokenizer(tokenizer, name)
     model.eval()
     if device != "cpu" and not device_map:  # with a device map, accelerate placed the layers
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, name, source, revision, trust_remote_code))
+
+
+def check_tokenizer(tokenizer: Any, name: str) -> None:
+    """Refuse a tokenizer that cannot tell words apart (e.g. transformers' fallback when a
+    directory holds no tokenizer files: every text becomes end-of-sequence tokens)."""
+    probe = "The quick brown fox jumps over the lazy dog, 12 times."
+    try:
+        ids = tokenizer([probe], add_special_tokens=False)["input_ids"][0]  # as attn_audit.data calls it
+    except Exception as exc:  # noqa: BLE001 - any failure means there is no usable tokenizer
+        raise ModelLoadError(f"the tokenizer of '{name}' cannot encode text ({type(exc).__name__})") from None
+    if len(set(int(t) for t in ids)) < 4:
+        raise ModelLoadError(
+            f"'{name}' has no usable tokenizer (a test sentence became {len(set(ids))} distinct token(s)); "
+            "add the tokenizer files (tokenizer.json or the vocabulary) to the model directory"
+        )
 
 
 def model_info(

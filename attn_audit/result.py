@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from attn_audit.config import primary_eps_index
-from attn_audit.errors import ResultFileError
+from attn_audit.errors import OutputError, ResultFileError
 
 SCHEMA_VERSION = 1
 # Changelog:
@@ -81,19 +81,29 @@ def _clean(value: Any) -> Any:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written).
+
+    Raises:
+        OutputError: the file cannot be written (a full disk, no permission); the old file stays.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -178,18 +188,35 @@ class AuditResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditResult:
-        """Read an ``audit.json``; raises :class:`ResultFileError` with a one-line reason."""
-        p = Path(path)
+        """Read an untrusted ``audit.json``: a regular file of at most 256 MB, strict UTF-8 JSON,
+        then every field checked (:mod:`attn_audit.schema`); raises :class:`ResultFileError` with
+        a one-line reason."""
+        from attn_audit import schema
+        from attn_audit.outdir import regular_file
+
+        p = regular_file(path, "--load file", ResultFileError)
         try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ResultFileError(f"{p} does not exist; pass the audit.json an earlier run wrote") from None
+            if p.stat().st_size > schema.MAX_BYTES:
+                raise ResultFileError(f"{p} is larger than {schema.MAX_BYTES >> 20} MB; is it an audit.json?")
+            text = p.read_bytes().decode("utf-8")
         except OSError as exc:
             raise ResultFileError(f"cannot read {p}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ResultFileError(f"{p} is not UTF-8 text (byte {exc.start}); is it an audit.json?") from None
+
+        def no_constant(name: str) -> Any:
+            raise ValueError(f"{name} is not strict JSON")
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=no_constant)
         except json.JSONDecodeError as exc:
             raise ResultFileError(
                 f"{p} is not valid JSON (line {exc.lineno}); it may be truncated or corrupt, re-run the audit"
             ) from None
-        return cls.from_dict(data, source=str(p))
+        except (ValueError, RecursionError) as exc:
+            what = "nests too deeply" if isinstance(exc, RecursionError) else f"is not valid JSON ({exc})"
+            raise ResultFileError(f"{p} {what}; is it an audit.json written by attn-audit?") from None
+        schema.check_bounds(data, str(p))
+        result = cls.from_dict(data, source=str(p))
+        schema.validate(result.data, str(p))
+        return result

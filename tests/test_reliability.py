@@ -85,13 +85,13 @@ def test_killed_run_resumes_to_the_same_audit(tmp_path, reference_run):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    progress = out / ".checkpoint" / "progress.json"
+    progress = out / ".checkpoint" / "manifest.json"
     deadline = time.time() + 300
     done = 0
     while time.time() < deadline and proc.poll() is None:
         if progress.exists():
             try:
-                done = json.loads(progress.read_text())["done"]["64"]
+                done = json.loads(progress.read_text())["lengths"]["64"]["done"]
             except (ValueError, KeyError):
                 done = 0
             if done >= 4:
@@ -129,19 +129,20 @@ def test_same_inputs_and_seed_give_the_same_audit(tmp_path, reference_run):
 
 def test_resume_refuses_a_different_run(tmp_path):
     from attn_audit.capture.checkpoint import Checkpointer
-    from attn_audit.errors import ConfigError
+    from attn_audit.errors import CheckpointError
 
     c = Checkpointer(tmp_path, resume=False)
-    c.begin("aaa")
+    c.begin({"options": "aaa", "data": "d"})
     c.save(64, 2, {"x": torch.zeros(3).numpy()})
-    with pytest.raises(ConfigError, match="different run"):
-        Checkpointer(tmp_path, resume=True).begin("bbb")
+    with pytest.raises(CheckpointError, match=r"different run \(options differ\)"):
+        Checkpointer(tmp_path, resume=True).begin({"options": "bbb", "data": "d"})
     c2 = Checkpointer(tmp_path, resume=True)
-    c2.begin("aaa")
+    c2.begin({"options": "aaa", "data": "d"})
     assert c2.done(64) == 2 and c2.load(64)["x"].shape == (3,)
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    from attn_audit.errors import OutputError
     from attn_audit.result import atomic_write_text
 
     target = tmp_path / "audit.json"
@@ -151,7 +152,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="disk full"):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]  # no temp file left
@@ -179,8 +180,8 @@ def test_nonfinite_rows_are_counted_and_left_out(monkeypatch):
         model,
         Tok(),
         texts,
-        AuditConfig(seq_lens=(48,), num_sequences=3, measure=MeasureSpec(min_keys=4, rows_per_sequence=None),
-                    reservoir_size=32),
+        AuditConfig(seq_lens=(48,), num_sequences=3, reservoir_size=32,
+                    measure=MeasureSpec(rows_per_sequence=None, min_keys=4)),
         name="tiny-nan",
     )
     h0 = result.head(0, 0)

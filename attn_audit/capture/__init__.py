@@ -11,7 +11,7 @@ samples); ``loop`` runs the batches of one length with ``checkpoint`` (resume) a
 from __future__ import annotations
 
 from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
-from attn_audit.capture.checkpoint import Checkpointer, fingerprint
+from attn_audit.capture.checkpoint import Checkpointer, run_parts
 from attn_audit.capture.hooks import projection_hooks, projection_weights
 from attn_audit.capture.interface import (
     AttentionCall,
@@ -22,6 +22,6 @@ from attn_audit.capture.interface import (
 from attn_audit.capture.loop import capture_length
 
 __all__ = [
-    "AccumulateConfig", "Accumulator", "AttentionCall", "Checkpointer", "attention_probs", "capture_length",
-    "capturing", "fingerprint", "projection_hooks", "projection_weights", "scores",
+    "AccumulateConfig", "Accumulator", "AttentionCall", "Checkpointer", "attention_probs", "capture_length", "run_parts",
+    "capturing", "projection_hooks", "projection_weights", "scores",
 ]  # fmt: skip

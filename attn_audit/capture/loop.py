@@ -14,7 +14,7 @@ from attn_audit.capture.hooks import projection_hooks
 from attn_audit.capture.interface import capturing
 from attn_audit.config import AuditConfig
 from attn_audit.data import TokenData, batches
-from attn_audit.errors import CaptureError
+from attn_audit.errors import CaptureError, CheckpointError
 from attn_audit.progress import NullProgress, Progress
 
 
@@ -67,10 +67,7 @@ def _capture_shard(model: Any, family: str, data: TokenData, lo: int, hi: int, c
     base = getattr(model, "base_model", model)
     done = 0
     if checkpoint is not None:
-        state = checkpoint.load(data.seq_len)
-        if state is not None:
-            acc.load_state(state)
-            done = checkpoint.done(data.seq_len)
+        done = _restore(checkpoint, acc, data.seq_len, hi, config.batch_size)
     progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences[lo:hi]))
     progress.advance(sum(len(s) for s in data.sequences[lo:done]))
     since_save = 0
@@ -90,6 +87,26 @@ def _capture_shard(model: Any, family: str, data: TokenData, lo: int, hi: int, c
                 checkpoint.save(data.seq_len, finished, acc.state())
                 since_save = 0
     progress.finish()
+
+
+def _restore(checkpoint: Any, acc: Any, seq_len: int, total: int, batch_size: int) -> int:
+    """Load a resumed checkpoint's state of ``seq_len`` into ``acc``; the sequences it holds.
+
+    The state is checked against a fresh accumulator's (names, dtypes, shapes) and its progress
+    must end on a batch boundary within the length's ``total`` sequences; else one-line refusal."""
+    state = checkpoint.load(seq_len, template=acc.state())
+    if state is None:
+        return 0
+    done = checkpoint.done(seq_len)
+    if not (0 < done <= total and (done % batch_size == 0 or done == total)):
+        raise CheckpointError(f"the checkpoint in {checkpoint.dir.parent} is inconsistent ({done} sequences of "
+                              f"{total} at batch size {batch_size}); drop --resume and pass --force to start over")
+    try:
+        acc.load_state(state)
+    except Exception as exc:  # noqa: BLE001 - a state that does not fit this accumulator
+        raise CheckpointError(f"the checkpoint in {checkpoint.dir.parent} does not fit this run "
+                              f"({type(exc).__name__}); drop --resume and pass --force to start over") from None
+    return done
 
 
 def release_freed_memory() -> None:

@@ -78,6 +78,8 @@ def parse_export_names(values: Iterable[str]) -> list[str]:
     Call it while parsing options, before any model is loaded."""
     names: list[str] = []
     for value in values:
+        if not str(value).strip(" ,"):
+            raise ConfigError("--export is empty; give minference and/or duo")
         for name in str(value).split(","):
             name = name.strip().lower()
             if not name:

@@ -52,6 +52,10 @@ _TOKEN = re.compile(
     r"|(?P<name>[A-Za-z_]\w*)|(?P<paren>[()]))"
 )
 _BAD_NUMBER = re.compile(r"[-+]?[\d.][\w.+-]*")
+_BLANK = re.compile(r"\s*\Z")
+#: Limits that keep parsing and evaluation linear in the text and the recursion shallow.
+MAX_CHARS = 4096
+MAX_DEPTH = 32  # nested parentheses and 'not'
 
 
 def _known() -> str:
@@ -62,9 +66,12 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.tokens: list[tuple[str, str, int]] = []  # (kind, text, 1-based position)
+        self.depth = 0
+        if len(text) > MAX_CHARS:
+            raise ConfigError(f"bad check of {len(text)} characters: at most {MAX_CHARS} are allowed")
         pos = 0
         while pos < len(text):
-            if text[pos:].strip() == "":
+            if _BLANK.match(text, pos):
                 break
             m = _TOKEN.match(text, pos)
             if m is None or m.end() == pos:
@@ -126,18 +133,27 @@ class _Parser:
         return node
 
     def unary(self) -> Node:
+        kind, text, pos = self.peek()
+        if (kind == "paren" and text == "(") or (kind == "name" and text.lower() == "not"):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                self.fail(pos, f"parentheses and 'not' nested deeper than {MAX_DEPTH} levels")
+            try:
+                return self._nested()
+            finally:
+                self.depth -= 1
+        return self.compare()
+
+    def _nested(self) -> Node:
         if self.keyword("not"):
             return Not(self.unary())
+        self.i += 1  # "("
+        node = self.or_()
         kind, text, pos = self.peek()
-        if kind == "paren" and text == "(":
-            self.i += 1
-            node = self.or_()
-            kind, text, pos = self.peek()
-            if text != ")":
-                self.fail(pos, f"expected ')', found {text!r}")
-            self.i += 1
-            return node
-        return self.compare()
+        if text != ")":
+            self.fail(pos, f"expected ')', found {text!r}")
+        self.i += 1
+        return node
 
     def compare(self) -> Compare:
         kind, name, pos = self.peek()
@@ -160,14 +176,31 @@ class _Parser:
         return Compare(name, op, float(num))
 
 
+def _chain(node: BoolOp) -> list[Node]:
+    """The operands of a left-deep chain ``a op b op c ...`` of one operator, in order (no recursion:
+    the parser builds ``and`` / ``or`` chains of any length this way)."""
+    items: list[Node] = []
+    cur: Node = node
+    while isinstance(cur, BoolOp) and cur.op == node.op:
+        items.append(cur.right)
+        cur = cur.left
+    items.append(cur)
+    return items[::-1]
+
+
 def _metric_names(node: Node) -> list[str]:
-    if isinstance(node, Compare):
-        return [node.metric]
-    if isinstance(node, Not):
-        return _metric_names(node.operand)
-    return _metric_names(node.left) + [
-        m for m in _metric_names(node.right) if m not in _metric_names(node.left)
-    ]
+    """The metrics ``node`` reads, each once, in reading order (linear in the tree's size)."""
+    names: dict[str, None] = {}
+    stack: list[Node] = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, Compare):
+            names.setdefault(cur.metric)
+        elif isinstance(cur, Not):
+            stack.append(cur.operand)
+        else:
+            stack.extend(reversed(_chain(cur)))
+    return list(names)
 
 
 def _truth(node: Node, values: Mapping[str, float]) -> bool:
@@ -175,7 +208,7 @@ def _truth(node: Node, values: Mapping[str, float]) -> bool:
         return _OPS[node.op](values[node.metric], node.number)
     if isinstance(node, Not):
         return not _truth(node.operand, values)
+    operands = _chain(node)  # recursion only through parentheses and 'not' (depth-limited)
     if node.op == "and":
-        return _truth(node.left, values) and _truth(node.right, values)
-    return _truth(node.left, values) or _truth(node.right, values)
-
+        return all(_truth(x, values) for x in operands)
+    return any(_truth(x, values) for x in operands)

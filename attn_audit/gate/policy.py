@@ -16,6 +16,8 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only on Python 3.10
 
 _CHECK_KEYS = {"name", "fail_if", "description"}
 _TOP_KEYS = {"check", "name", "description"}
+MAX_BYTES = 1 << 20
+MAX_CHECKS = 1000
 
 
 def load_policy(path: str | Path) -> list[Check]:
@@ -23,8 +25,15 @@ def load_policy(path: str | Path) -> list[Check]:
     p = Path(path)
     if tomllib is None:  # pragma: no cover
         raise ConfigError(f"policy {p}: reading TOML policies needs Python 3.11 or newer")
+    from attn_audit.outdir import regular_file
+
+    regular_file(p, "policy file", ConfigError)  # a FIFO would block the read forever
     try:
+        if p.stat().st_size > MAX_BYTES:
+            raise ConfigError(f"policy file {p} is larger than {MAX_BYTES // 1024} KB")
         data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(f"policy file {p} is nested too deeply") from None
     except FileNotFoundError:
         raise ConfigError(f"policy file {p} does not exist") from None
     except OSError as exc:
@@ -41,6 +50,8 @@ def load_policy(path: str | Path) -> list[Check]:
     tables = data.get("check")
     if not isinstance(tables, list) or not tables:
         raise ConfigError(f"policy {p} defines no [[check]] tables")
+    if len(tables) > MAX_CHECKS:
+        raise ConfigError(f"policy {p} defines {len(tables)} checks; at most {MAX_CHECKS} are allowed")
     checks: list[Check] = []
     for i, table in enumerate(tables, start=1):
         where = f"policy {p}, check {i}"

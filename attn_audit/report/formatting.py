@@ -9,10 +9,14 @@ the same text for the same value.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from attn_audit.result import AuditResult
 
 __all__ = [
     "LETTER_NAMES",
+    "printable",
     "VERDICT_LETTERS",
     "fmt_num",
     "fmt_pct",
@@ -134,3 +138,23 @@ def sparsity_at(rec: dict[str, Any], eps_key: str) -> dict[str, Any]:
     """The head's sparsity block at ``eps_key`` ({} when missing)."""
     block = (rec.get("sparsity") or {}).get(eps_key)
     return block if isinstance(block, dict) else {}
+
+
+def printable(result: AuditResult) -> AuditResult:
+    """A copy of ``result`` whose every string (keys included) has its control characters shown as
+    escapes (``\\x1b``, ``\\n``), for the terminal and Markdown renderers: a loaded file cannot
+    move the cursor, retitle the terminal or break a Markdown line. The HTML escapes on its own."""
+    from attn_audit.errors import one_line
+    from attn_audit.result import AuditResult
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return one_line(value, 1 << 30)
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return AuditResult(data=clean(result.data))
+

@@ -19,6 +19,7 @@ from attn_audit.report.formatting import (
     fmt_pct,
     head_label,
     head_letter,
+    printable,
     short_reason,
     sparsity_at,
 )
@@ -194,6 +195,7 @@ class MarkdownRenderer:
     def render(self, result: AuditResult, **options: Any) -> str:
         """Render the summary. Option: ``top`` (rows in the plan or ranking table, default 10)."""
         top = int(options.get("top") or DEFAULT_TOP)
+        result = printable(result)  # control characters from a loaded file shown as escapes
         head = headline(result)
         lines = [
             _title(result),

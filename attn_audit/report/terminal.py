@@ -29,6 +29,7 @@ from attn_audit.report.formatting import (
     head_label,
     head_letter,
     num,
+    printable,
     short_reason,
     sparsity_at,
 )
@@ -325,6 +326,7 @@ class TerminalRenderer:
             no_color: turn colour off (the CLI's ``--no-color``).
             top: rows in the ranked table (default 15).
         """
+        result = printable(result)  # no control character from a loaded file reaches the terminal
         tty = _stdout_is_tty()
         width = int(options.get("width") or 0) or (
             min(160, max(40, shutil.get_terminal_size((80, 24)).columns)) if tty else 80
