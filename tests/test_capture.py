@@ -112,11 +112,12 @@ def _exact_accumulator_outputs(model, ids: torch.Tensor, mask: torch.Tensor):
     """Last hidden states of a forward whose attention outputs come from the exact accumulator
     (weights written by the row kernel, then weights @ V), and how many layers it replaced."""
     from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
+    from attn_audit.config import MeasureSpec
     from attn_audit.load import model_info
 
     info = model_info(model, "tiny", "test")
     acc = Accumulator(info, ids.shape[1], ids.shape[0],
-                      AccumulateConfig(rows_per_sequence=None, min_keys=1, reservoir_size=64))
+                      AccumulateConfig(measure=MeasureSpec(rows_per_sequence=None, min_keys=1), reservoir_size=64))
     replaced = []
 
     def consumer(call):

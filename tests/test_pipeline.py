@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attn_audit import AuditConfig, audit
+from attn_audit.config import MeasureSpec
 from attn_audit.data import DataSpec, build_sequences
 from attn_audit.result import AuditResult
 
@@ -44,27 +45,28 @@ def brute_force_k(model, sequences, eps_list, min_keys, causal):
 
 
 def check_against_brute_force(loaded, seq_len, n_seq, causal):
-    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=n_seq, batch_size=n_seq, exact=True,
-                      reservoir_size=64)
+    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=n_seq, batch_size=n_seq,
+                      measure=MeasureSpec(rows_per_sequence=None), reservoir_size=64)
+    m = cfg.measure
     result = audit(loaded.model, loaded.tokenizer, DataSpec(), cfg, info=loaded.info)
     result = AuditResult.from_dict(result.to_dict())  # what audit.json holds
     (td,) = build_sequences(DataSpec(), loaded.tokenizer, [seq_len], n_seq, 0, encoder=not causal)
-    ks, amb = brute_force_k(loaded.model, td.sequences, cfg.eps, cfg.min_keys, causal)
+    ks, amb = brute_force_k(loaded.model, td.sequences, m.eps, m.min_keys, causal)
     assert result.run["rows"] == "all"
     total_amb = 0
     for rec in result.heads:
-        for e_idx, key in enumerate(cfg.eps_keys):
+        for e_idx, key in enumerate(m.eps_keys):
             ref = ks[(rec["layer"], rec["head"], e_idx)]
             got = rec["sparsity"][key]
             a = amb[(rec["layer"], rec["head"], e_idx)]
             total_amb += a
             assert got["rows"] == len(ref)
-            assert abs(got["k_mean"] * got["rows"] - ref.sum()) <= a + 1e-6
+            assert abs(got["k_mean"] * got["rows"] - ref.sum()) <= a + 1e-6, (rec["layer"], rec["head"], key, got["k_mean"] * got["rows"], ref.sum(), got["rows"])
             if a == 0:
                 assert got["k_median"] == int(np.quantile(ref, 0.5, method="inverted_cdf"))
                 assert got["k_p90"] == int(np.quantile(ref, 0.9, method="inverted_cdf"))
                 n_i = (np.arange(1, seq_len + 1) if causal else np.full(seq_len, seq_len))[
-                    np.arange(seq_len) >= (cfg.min_keys - 1 if causal else 0)]
+                    np.arange(seq_len) >= (m.min_keys - 1 if causal else 0)]
                 kfrac = (ref.reshape(n_seq, -1) / n_i).mean()
                 assert got["kfrac_mean"] == pytest.approx(kfrac, rel=1e-9)
     # rows ambiguous at float32 precision are rare (under 1%); every other head matched exactly
