@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -56,15 +57,20 @@ def audit(
     """
     from attn_audit.assemble import assemble
     from attn_audit.capture import capture_length, distributed, run_parts
+    from attn_audit.capture.loop import FALLBACK, probe_sites
     from attn_audit.load import check_family, model_info
     from attn_audit.provenance import run_block
     from attn_audit.rank import PlanConfig, rank_and_plan
 
     config = config or AuditConfig()
     progress = progress or NullProgress()
-    check_family(getattr(model.config, "text_config", None) or model.config)
+    check_family(model.config)
     info = info or model_info(model, name or getattr(model.config, "_name_or_path", "model"), "object")
     _check_length(config, info)
+    probe_sites(model, info)
+    if info["capture"] == FALLBACK:
+        sys.stderr.write(f"note: {info['family']} computes attention outside transformers' attention interface; "
+                         "auditing its eager output_attentions probabilities (no Q/K sites, slower)\n")
     t0 = time.perf_counter()
 
     # data: deterministic, non-overlapping sequences per length (+ held-out ones for verify)
@@ -96,7 +102,10 @@ def audit(
     result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
 
     # verify: the plan inside the model on held-out sequences
-    if config.verify:
+    if config.verify and info["capture"] == FALLBACK:
+        result.data["verify"] = {"skipped_reason": "attention computed outside the interface: the plan cannot be "
+                                 "applied inside the model"}
+    elif config.verify:
         from attn_audit.verify import verify_plan
 
         verify_plan(model, result, all_data[-1].held_out, config, pad)
@@ -154,8 +163,11 @@ def _projection_weights(model: Any, info: dict[str, Any], run: dict[str, Any]) -
     """Per layer (W_Q, W_K) as numpy arrays where the family's projections are known (for the
     weight-based R bounds); records the extra sites in ``run``."""
     from attn_audit.capture import projection_weights
+    from attn_audit.capture.hooks import extras_reason
 
-    w = projection_weights(model, info["family"])
+    reason = extras_reason(model, info)
+    run["extras"] = {"pre_rope_sites": reason is None, "weight_bounds": reason is None, "reason": reason}
+    w = projection_weights(model, info)
     if not w:
         return None
     run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]

@@ -152,9 +152,11 @@ def _list_models() -> str:
 
 
 def _list_families() -> str:
-    from attn_audit.load import SUPPORTED_FAMILIES
+    """The committed sweep table (no torch): each model_type's status, then the summary."""
+    from attn_audit.families_table import render_text
+    from attn_audit.load import families
 
-    return "\n".join(f"{k:10s} {v}" for k, v in sorted(SUPPORTED_FAMILIES.items())) + "\n"
+    return render_text(families())
 
 
 def main(argv: list[str] | None = None) -> int:

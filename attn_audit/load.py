@@ -21,17 +21,20 @@ from typing import Any
 
 from attn_audit.errors import ModelLoadError, UnsupportedFamilyError
 
-# model_type -> short description. Each family routes attention through transformers'
-# AttentionInterface, and each is covered by the capture-equivalence tests.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "llama": "Llama / SmolLM (RoPE, GQA)",
-    "mistral": "Mistral (RoPE, GQA, sliding window)",
-    "qwen2": "Qwen2 (RoPE, GQA, q/k bias)",
-    "gpt2": "GPT-2 (absolute positions, fused c_attn)",
-    "gpt_neox": "GPT-NeoX / Pythia (partial RoPE)",
-    "bert": "BERT encoders (bidirectional)",
-    "gemma3_text": "Gemma 3 text (QK-norm, MQA, sliding window on 5 of 6 layers)",
-}
+FAMILIES_FILE = Path(__file__).with_name("families.json")
+"""The committed result of ``scripts/family_sweep.py``: per model_type, whether the audit's
+capture equals the model's eager attention (``pass``), or why it is refused."""
+
+
+def families() -> dict[str, Any]:
+    """The sweep table ({"transformers": version, "types": {model_type: {"status", "reason", ...}}}),
+    read without torch; an empty table when the file is missing."""
+    import json
+
+    try:
+        return json.loads(FAMILIES_FILE.read_text())
+    except (OSError, ValueError):
+        return {"types": {}}
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,12 @@ def check_gguf(gguf_path: Path) -> str:
     arch = gguf_architecture(gguf_path)
     model_type = _GGUF_MODEL_TYPES.get(arch, arch)
     check_family(SimpleNamespace(model_type=model_type))  # before importing transformers (~2 s)
+    known = families().get("types", {})
+    if known and model_type not in known:  # the sweep table lists every type transformers knows
+        raise UnsupportedFamilyError(
+            f"GGUF architecture '{arch}' of {gguf_path.name} is not a model type of transformers "
+            f"{families().get('transformers', '')} (see --list-families)"
+        )
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     if arch not in GGUF_SUPPORTED_ARCHITECTURES and model_type not in GGUF_SUPPORTED_ARCHITECTURES:
@@ -248,23 +257,38 @@ def convert_gguf(gguf_path: Path) -> Path:
 def _pick_class(config: Any) -> Any:
     """Causal LM class for decoder models (to measure next-token loss), base model otherwise."""
     import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return transformers.AutoModelForCausalLM
-    if config.model_type in {"llama", "mistral", "qwen2", "gpt2", "gpt_neox"} and not archs:
+    mt = config.model_type
+    if not archs and mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return transformers.AutoModelForCausalLM
     return transformers.AutoModel
 
 
 def check_family(config: Any) -> str:
-    """Return the config's model_type, or raise naming the supported families."""
+    """Return the config's model_type, or raise with the specific reason the audit refuses it.
+
+    Any model whose attention goes through transformers' attention interface is accepted. The
+    refusals come from the committed sweep table (``families.json``: e.g. attention computed
+    outside the interface) and from what the audit pipeline cannot run (encoder-decoder
+    models). A type the table does not know (a newer transformers) is tried; the capture then
+    checks at run time that every layer reports to it.
+    """
     family = getattr(config, "model_type", None) or "unknown"
-    if family not in SUPPORTED_FAMILIES:
+    if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedFamilyError(
-            f"no Q/K capture support for model_type '{family}' "
-            f"(supported: {', '.join(sorted(SUPPORTED_FAMILIES))}; see --list-families)"
+            f"'{family}' is an encoder-decoder model: its self- and cross-attention capture is exact (see "
+            "--list-families), but the audit feeds one token sequence to one stack; audit its encoder or decoder alone"
         )
+    entry = families().get("types", {}).get(family)
+    if entry and entry.get("status") == "refused":
+        raise UnsupportedFamilyError(f"model_type '{family}' is not supported: {entry.get('reason')} (see --list-families)")
     return family
 
 
@@ -373,35 +397,94 @@ def check_tokenizer(tokenizer: Any, name: str) -> None:
         )
 
 
+def _first(cfg: Any, *names: str) -> Any:
+    """The first of ``names`` that ``cfg`` sets to something other than None."""
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention", "global", "local")
+
+
+def attention_geometry(cfg: Any) -> dict[str, Any]:
+    """Sites, heads and head sizes from a (text) config, for any family.
+
+    Returns num_layers (attention sites of one forward pass: hybrid models count only their
+    attention layers), num_heads, num_kv_heads, head_dim (d_qk: ``head_dim`` when set, MLA's
+    nope + rope dims, else hidden / heads) and v_head_dim (d_v).
+    """
+    heads = int(_first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads") or 0)
+    kv = _first(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv", "num_kv")
+    if kv is None and getattr(cfg, "multi_query", False):
+        kv = 1
+    hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", "dim") or 0)
+    if getattr(cfg, "qk_nope_head_dim", None) is not None:  # MLA: Q/K carry nope + rope parts
+        head_dim = cfg.qk_nope_head_dim + (getattr(cfg, "qk_rope_head_dim", 0) or 0)
+    else:
+        head_dim = _first(cfg, "head_dim", "qk_head_dim", "attention_head_size", "d_kv", "d_head")
+    head_dim = int(head_dim or hidden // max(heads, 1))
+    layers = int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers") or 0)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == layers and any(t in ATTENTION_LAYER_TYPES for t in types):
+        layers = sum(1 for t in types if t in ATTENTION_LAYER_TYPES)
+    return {
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": int(kv or heads),
+        "head_dim": head_dim,
+        "v_head_dim": int(_first(cfg, "v_head_dim") or head_dim),
+    }
+
+
+def _module_traits(model: Any) -> dict[str, bool]:
+    """What the attention modules show: causal (any marked ``is_causal``; None when no module
+    says), RoPE (a rotary embedding module), QK-norm (q/k norm layers)."""
+    causal = None
+    rope = qk_norm = False
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if "Rotary" in cls or "RotaryEmbedding" in cls:
+            rope = True
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm"):
+            qk_norm = True
+        if "Attention" in cls and hasattr(mod, "is_causal") and isinstance(mod.is_causal, bool):
+            causal = bool(causal) or mod.is_causal
+    return {"causal": causal, "rope": rope, "qk_norm": qk_norm}
+
+
 def model_info(
     model: Any, name: str, source: str, revision: str | None = None, trust_remote_code: bool = False
 ) -> dict[str, Any]:
-    """The ``model`` block of the result, read from a loaded model's config."""
+    """The ``model`` block of the result, read from a loaded model's config and modules."""
     cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    num_heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
-    num_kv = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
-    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // max(num_heads, 1))
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    geo = attention_geometry(cfg)
     family = getattr(cfg, "model_type", "unknown")
-    causal = family != "bert" and not getattr(cfg, "is_encoder_decoder", False)
-    if family == "bert":
-        causal = bool(getattr(cfg, "is_decoder", False))
-    rope = family in {"llama", "mistral", "qwen2", "gpt_neox", "gemma3_text"}
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    traits = _module_traits(model)
+    causal = traits["causal"]
+    if causal is None:  # no module says: decoders by their class, encoders otherwise
+        causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) or bool(getattr(cfg, "is_decoder", False))
+    if getattr(cfg, "is_encoder_decoder", False):
+        causal = False
+    max_pos = _first(cfg, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    types = getattr(cfg, "layer_types", None)
     return {
         "name": name,
         "source": source,
         "family": family,
-        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0)),
-        "num_heads": num_heads,
-        "num_kv_heads": num_kv,
-        "head_dim": head_dim,
-        "causal": causal,
-        "max_positions": int(max_pos) if max_pos else None,
-        "rope": rope,
+        **{k: geo[k] for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")},
+        "v_head_dim": geo["v_head_dim"],
+        "causal": bool(causal),
+        "max_positions": int(max_pos) if isinstance(max_pos, int) and max_pos > 0 else None,
+        "rope": traits["rope"],
+        "qk_norm": traits["qk_norm"],
         "sliding_window": getattr(cfg, "sliding_window", None),
+        "layer_types": list(types) if isinstance(types, (list, tuple)) else None,
         "dtype": dtype,
         "revision": revision,
         "trust_remote_code": trust_remote_code,

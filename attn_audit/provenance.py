@@ -35,6 +35,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def capture_point(info: dict[str, Any]) -> str:
+    """Where Q/K were read: the attention kernel's input, i.e. after RoPE and after any QK-norm
+    (or, in the fallback, that only the model's eager probabilities were read)."""
+    if info.get("capture") == "eager-fallback":
+        return ("eager output_attentions probabilities (fallback: attention computed outside transformers' "
+                "attention interface; no Q/K sites)")
+    stage = ("post-QK-norm, post-RoPE" if info.get("qk_norm") else "post-RoPE") if info.get("rope") else (
+        "post-QK-norm, attention kernel input (no RoPE)" if info.get("qk_norm") else "attention kernel input (no RoPE)")
+    return f"{stage}, before repeat_kv (transformers AttentionInterface)"
+
+
 def run_block(config: AuditConfig, info: dict[str, Any], model: Any, summaries: dict[int, dict[str, Any]],
                all_data: list[TokenData], spec: DataSpec, elapsed: float) -> dict[str, Any]:
     """The ``run`` block of audit.json: the configuration, the rows and sites measured, the
@@ -58,12 +69,9 @@ def run_block(config: AuditConfig, info: dict[str, Any], model: Any, summaries: 
         "window": m.window,
         "batch_size": config.batch_size,
         "device": str(next(model.parameters()).device),
-        "sites": ["q", "k"],
-        "capture_point": (
-            "post-RoPE, before repeat_kv (transformers AttentionInterface)"
-            if info["rope"]
-            else "attention kernel input, before repeat_kv (transformers AttentionInterface; no RoPE)"
-        ),
+        "sites": [] if info.get("capture") == "eager-fallback" else ["q", "k"],
+        "capture": info.get("capture", "interface"),
+        "capture_point": capture_point(info),
         "reservoir_size": config.reservoir_size,
         "versions": versions(),
         "dataset": {

@@ -24,6 +24,7 @@ import torch
 from attn_audit.capture.interface import AttentionCall, capturing, scores
 from attn_audit.config import AuditConfig
 from attn_audit.data import batches
+from attn_audit.errors import CaptureError
 from attn_audit.result import AuditResult
 
 
@@ -66,6 +67,8 @@ class _PlanApplier:
         self.mask: torch.Tensor | None = None
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
+        if not call.plain:
+            raise CaptureError("verification of models with learned sink logits (s_aux) is not supported yet")
         s = scores(call)  # (b, H, S, S) float32
         p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
         groups = call.query.shape[1] // call.key.shape[1]

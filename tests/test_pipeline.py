@@ -70,7 +70,7 @@ def check_against_brute_force(loaded, seq_len, n_seq, causal, windows=None):
             a = amb[(rec["layer"], rec["head"], e_idx)]
             total_amb += a
             assert got["rows"] == len(ref)
-            assert abs(got["k_mean"] * got["rows"] - ref.sum()) <= a + 1e-6
+            assert abs(got["k_mean"] * got["rows"] - ref.sum()) <= a + 1e-6, (rec["layer"], rec["head"], key, got["k_mean"] * got["rows"], ref.sum(), got["rows"])
             if a == 0:
                 assert got["k_median"] == int(np.quantile(ref, 0.5, method="inverted_cdf"))
                 assert got["k_p90"] == int(np.quantile(ref, 0.9, method="inverted_cdf"))

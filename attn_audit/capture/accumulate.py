@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from attn_audit.capture.interface import AttentionCall, scores
+from attn_audit.capture.interface import AttentionCall, allowed_mask, scores
 from attn_audit.capture.reservoir import Reservoir, priorities
 from attn_audit.capture.totals import RowTotals
 from attn_audit.config import MeasureSpec
+from attn_audit.errors import CaptureError
 from attn_audit.rows.dispatch import RowMetrics, row_metrics
 
 
@@ -145,8 +146,20 @@ class Accumulator:
         from the measured weights (see ``_can_fuse``), else None (the model's kernel runs).
         """
         layer = call.layer
+        if not call.plain:
+            raise CaptureError(
+                "learned attention-sink logits (s_aux) take probability mass without being a key; the per-row "
+                "k of such rows is not measured yet (the capture itself is exact, see --list-families)"
+            )
+        if layer >= self.L or call.query.shape[1] != self.H or call.key.shape[1] != self.Hkv:
+            raise CaptureError(
+                f"attention call {layer} has {call.query.shape[1]} query / {call.key.shape[1]} key heads; the model "
+                f"info says {self.L} sites of {self.H} / {self.Hkv} (heads that vary per layer are not supported)"
+            )
         self.layers_seen.add(layer)
         self.scale[layer] = call.scaling
+        if call.probs is not None:  # eager-probabilities fallback: no Q/K to measure or sample
+            return self._fold_probs(call)
         q, k = call.query, call.key
         mask = self.mask.to(q.device)
         # non-finite tokens (fp16 overflow, broken weights): count, zero, and drop their rows
@@ -178,6 +191,19 @@ class Accumulator:
             return None
         return out.transpose(1, 2).to(call.query.dtype).contiguous()  # (batch, pos, head, d_head)
 
+    def _fold_probs(self, call: AttentionCall) -> None:
+        """Fold a fallback call (the model's eager probabilities): the row metrics of its
+        log-probabilities (the same softmax); Q/K norms stay NaN (unknown), no Q/K samples."""
+        mask = self.mask.to(call.probs.device)
+        self.max_q_norm[call.layer] = np.nan
+        self.max_k_norm[call.layer] = np.nan
+        none = torch.zeros(mask.shape[0], self.H, mask.shape[1], dtype=torch.bool, device=mask.device)
+        rows = self.batch_rows.to(mask.device)
+        m, _ = self._measure(call, rows, mask)
+        feats = self.totals.fold(call.layer, m, rows, mask, none, none[:, :, 0], self.seq_start)
+        self.rows.update(call.layer, feats[self._row_sel[0], :, self._row_sel[1]])
+        return None
+
     def _measure(self, call: AttentionCall, rows: torch.Tensor,
                  mask: torch.Tensor) -> tuple[RowMetrics, torch.Tensor | None]:
         """Row metrics of the query rows ``rows`` (R,), block by block of rows, fields (G, R);
@@ -187,7 +213,8 @@ class Accumulator:
         b, keys_total = q.shape[0], call.key.shape[2]
         groups = self.H // self.Hkv
         step = max(1, self.cfg.block_elements // max(b * self.H * keys_total, 1))
-        if call.is_causal:
+        causal = call.is_causal and _mask_is_causal(call)
+        if causal:
             # causal rows only see keys up to their own position: small row blocks with keys cut
             # at the block's last row skip most of the masked upper triangle (~45% of the work)
             step = min(step, self.cfg.causal_block_rows)
@@ -197,14 +224,14 @@ class Accumulator:
         fuse = self._can_fuse(call, rows)
         # plain causal attention without padding: the kernel applies "key <= query" itself and
         # the scores need no -inf written into them
-        causal_only = (call.is_causal and not call.sliding_window and q.shape[2] == keys_total
+        causal_only = (causal and not call.sliding_window and q.shape[2] == keys_total
                        and bool(mask.all()))
-        out = torch.empty(b, self.H, q.shape[2], self.head_dim) if fuse else None
+        out = torch.empty(b, self.H, q.shape[2], call.value.shape[-1]) if fuse else None  # d_v may differ
         on_cpu = q.device.type == "cpu"  # (a GPU's caching allocator makes fresh blocks cheap)
         parts = []
         for start in range(0, len(rows), step):
             blk = rows[start : start + step]
-            n_keys = int(blk.max()) + 1 if call.is_causal else keys_total
+            n_keys = int(blk.max()) + 1 if causal else keys_total
             s = scores(call, blk, n_keys, masked=not causal_only,  # (batch, head, R, keys)
                        out=self._buffer("scores", (b, self.H, len(blk), n_keys)) if on_cpu else None)
             w = self._buffer("weights", s.shape) if fuse else None
@@ -231,7 +258,8 @@ class Accumulator:
         changed Q or K (non-finite tokens are zeroed for the statistics only)."""
         s_len = call.query.shape[2]
         return (
-            call.query.device.type == "cpu"
+            call.probs is None
+            and call.query.device.type == "cpu"
             and len(rows) == s_len == call.key.shape[2]
             and bool((rows == torch.arange(s_len)).all())
             and not self._sanitised_call
@@ -362,6 +390,18 @@ class Accumulator:
             "rows_per_sequence": len(self._row_index) if self.sampled else None,
             "layers_seen": sorted(self.layers_seen),
         }
+
+
+def _mask_is_causal(call: AttentionCall) -> bool:
+    """Whether no query row may see a later key (the mask, if any, agrees with ``is_causal``;
+    a module marked causal can still be handed a bidirectional mask)."""
+    q_len, k_len = call.query.shape[2], call.key.shape[2]
+    if call.attention_mask is None:
+        return q_len == k_len
+    if q_len != k_len:
+        return False
+    later = torch.ones(q_len, k_len, dtype=torch.bool, device=call.query.device).triu_(1)
+    return not bool((allowed_mask(call) & later).any())
 
 
 def _sanitised(call: AttentionCall) -> AttentionCall:

@@ -1,10 +1,15 @@
-"""Projection hooks: pre-RoPE Q/K and the attention block's input, for RoPE families.
+"""Optional extras: pre-RoPE Q/K and the attention block's input, where the projections are known.
 
-The attention interface (:mod:`capture`) sees Q and K after RoPE. The theory also asks about
-them before the rotation (the ``q_pre_rope`` / ``k_pre_rope`` sites) and about the norm of the
-block's input x after the pre-norm (the B of R_F = c_s·B²·‖W_Q W_Kᵀ‖_F). Forward hooks on the
-``q_proj`` / ``k_proj`` linears give both: their input is x, their output the pre-RoPE
-projections (batch, pos, head·d_head).
+The attention interface (:mod:`attn_audit.capture.interface`) sees Q and K as the kernel does
+(post-RoPE, post QK-norm); the core audit needs nothing else. The theory also asks about them
+before the rotation (the ``q_pre_rope`` / ``k_pre_rope`` sites) and about the norm of the
+block's input x after the pre-norm (the B of R_F = c_s·B²·‖W_Q W_Kᵀ‖_F). Forward hooks on
+separate ``q_proj`` / ``k_proj`` linears give both: their input is x, their output the pre-RoPE
+projections (batch, pos, head·d_head). They are installed only where that reading is right:
+decoder layers ``model.layers[i].self_attn`` with ``q_proj`` / ``k_proj`` linears of
+heads·head_dim outputs, RoPE, and no QK-norm (a norm between the projection and the rotation
+would make neither the sites nor the weight bound mean what the theory says).
+:func:`extras_reason` says why they are absent elsewhere.
 """
 
 from __future__ import annotations
@@ -14,13 +19,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-
-# model_type -> (attention module attribute on a decoder layer, q linear, k linear)
-PROJECTIONS: dict[str, tuple[str, str, str]] = {
-    "llama": ("self_attn", "q_proj", "k_proj"),
-    "mistral": ("self_attn", "q_proj", "k_proj"),
-    "qwen2": ("self_attn", "q_proj", "k_proj"),
-}
 
 Sink = Callable[[int, str, torch.Tensor], None]
 
@@ -32,30 +30,48 @@ def decoder_layers(model: Any) -> list[Any]:
     return list(layers) if layers is not None else []
 
 
-def projection_weights(model: Any, family: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per layer (W_Q, W_K) as (out, in) weight matrices, or None for other families."""
-    if family not in PROJECTIONS:
+def extras_reason(model: Any, info: dict[str, Any]) -> str | None:
+    """None when the pre-RoPE sites and weight-based bounds apply to ``model``, else why not."""
+    if info.get("capture") == "eager-fallback":
+        return "attention computed outside the interface: only its probabilities are read"
+    if not info.get("rope"):
+        return "no RoPE: the kernel input is already the projection"
+    if info.get("qk_norm"):
+        return "QK-norm between the projections and RoPE: captured Q/K are post-norm"
+    layers = decoder_layers(model)
+    if len(layers) != info.get("num_layers"):
+        return "the attention layers are not model.layers[i] (one per site)"
+    width_q = info["num_heads"] * info["head_dim"]
+    width_k = info["num_kv_heads"] * info["head_dim"]
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
+        if not (isinstance(q, torch.nn.Linear) and isinstance(k, torch.nn.Linear)):
+            return "no separate q_proj / k_proj linears (fused or low-rank projections)"
+        if q.out_features != width_q or k.out_features != width_k:
+            return "q_proj / k_proj widths differ from heads x head_dim"
+    return None
+
+
+def projection_weights(model: Any, info: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer (W_Q, W_K) as (out, in) weight matrices, or None where the extras do not apply."""
+    if extras_reason(model, info) is not None:
         return None
-    attn_name, q_name, k_name = PROJECTIONS[family]
-    out = []
-    for layer in decoder_layers(model):
-        attn = getattr(layer, attn_name)
-        out.append((getattr(attn, q_name).weight.detach(), getattr(attn, k_name).weight.detach()))
-    return out
+    return [(layer.self_attn.q_proj.weight.detach(), layer.self_attn.k_proj.weight.detach())
+            for layer in decoder_layers(model)]
 
 
 @contextmanager
-def projection_hooks(model: Any, family: str, sink: Sink) -> Iterator[bool]:
+def projection_hooks(model: Any, info: dict[str, Any], sink: Sink) -> Iterator[bool]:
     """Call ``sink(layer, site, tensor)`` for "x" (batch, pos, hidden), "q_pre" and "k_pre"
     (batch, pos, heads·d_head) during forward passes. Yields whether hooks were installed."""
-    if family not in PROJECTIONS:
+    if extras_reason(model, info) is not None:
         yield False
         return
-    attn_name, q_name, k_name = PROJECTIONS[family]
     handles = []
     try:
         for idx, layer in enumerate(decoder_layers(model)):
-            attn = getattr(layer, attn_name)
+            attn = layer.self_attn
 
             def q_hook(mod: Any, inputs: tuple[Any, ...], output: torch.Tensor, idx: int = idx) -> None:
                 sink(idx, "x", inputs[0])
@@ -64,8 +80,8 @@ def projection_hooks(model: Any, family: str, sink: Sink) -> Iterator[bool]:
             def k_hook(mod: Any, inputs: tuple[Any, ...], output: torch.Tensor, idx: int = idx) -> None:
                 sink(idx, "k_pre", output)
 
-            handles.append(getattr(attn, q_name).register_forward_hook(q_hook))
-            handles.append(getattr(attn, k_name).register_forward_hook(k_hook))
+            handles.append(attn.q_proj.register_forward_hook(q_hook))
+            handles.append(attn.k_proj.register_forward_hook(k_hook))
         yield True
     finally:
         for h in handles:

@@ -1,12 +1,26 @@
-"""Capture post-RoPE Q and K where the model's own attention kernel receives them.
+"""Capture Q and K where the model's own attention kernel receives them, for any model whose
+attention goes through transformers' ``ALL_ATTENTION_FUNCTIONS``.
 
 A function registered in transformers' ``AttentionInterface`` under :data:`CAPTURE_IMPL` sees
-``query`` (batch, head, pos, d_head) after RoPE and ``key`` (batch, kv_head, kv_pos, d_head)
-before GQA's ``repeat_kv``, together with the mask the model built, its scaling, soft-cap and
-sliding window. It hands them to the active consumer, then delegates to ``sdpa`` (or ``eager``
-when a soft-cap is set) so the model's outputs are unchanged. The same name is registered in
-``AttentionMaskInterface`` with the sdpa mask builder: for an unknown name transformers builds
-no mask at all, which would silently drop padding.
+``query`` (batch, head, pos, d_qk) after any QK-norm and RoPE, ``key`` (batch, kv_head, kv_pos,
+d_qk) before GQA's ``repeat_kv`` and ``value`` (batch, kv_head, kv_pos, d_v) (``d_v`` may differ
+from ``d_qk``, DeepSeek MLA), together with the mask the model built, its scaling and every
+keyword the model passes: soft-cap, sliding window, learned sink logits (``s_aux``, gpt-oss), an
+additive position bias (T5), ``is_causal``, dropout. Each keyword is either honoured in the
+recomputed scores (:data:`HONOURED`), known to leave the eager probabilities unchanged
+(:data:`IGNORED`), or refused with a one-line :class:`CaptureError` naming it, so that an
+unknown option can never give silently wrong numbers.
+
+The call hands an :class:`AttentionCall` to the active consumer, then delegates to ``sdpa``
+(or computes eager attention itself when sdpa cannot honour an option: soft-cap, sinks) so the
+model's outputs are unchanged. The same name is registered in ``AttentionMaskInterface`` with
+the sdpa mask builder: for an unknown name transformers builds no mask at all, which would
+silently drop padding.
+
+Calls are numbered in the order they happen within one forward pass (``AttentionCall.layer``):
+for a decoder-only model that is the layer index; an encoder-decoder model gives its encoder
+self-attention, then per decoder layer self- and cross-attention, as separate sites; a model
+that shares one attention module over several layers (ALBERT) gets one site per use.
 """
 
 from __future__ import annotations
@@ -23,22 +37,46 @@ from attn_audit.errors import CaptureError
 
 CAPTURE_IMPL = "attn_audit_capture"
 
+HONOURED = frozenset({"sliding_window", "softcap", "s_aux", "position_bias", "is_causal"})
+"""Keywords that change the probabilities and that :func:`scores` / :func:`attention_probs`
+apply exactly as the models' eager kernels do (``scaling`` and ``dropout`` are named arguments)."""
+
+IGNORED = frozenset({
+    "position_ids", "cache_position", "output_attentions", "output_hidden_states", "output_router_logits",
+    "num_items_in_batch", "use_cache", "return_dict", "past_key_values", "past_key_value", "layer_idx",
+    "deterministic",  # flash-attention's deterministic backward
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",  # packing (flash only)
+    "query_length", "target_dtype", "token_type_ids",
+})
+"""Keywords the eager and sdpa kernels never read: they leave the probabilities unchanged."""
+
 
 @dataclass
 class AttentionCall:
-    """One call of a layer's attention kernel.
+    """One call of an attention kernel.
 
     Attributes:
-        layer: the attention module's ``layer_idx``.
-        query: (batch, head, pos, d_head), post-RoPE.
-        key: (batch, kv_head, kv_pos, d_head), post-RoPE, not repeated for GQA.
-        value: (batch, kv_head, kv_pos, d_head).
+        layer: the call's site: its order within the forward pass (the layer index for a
+            decoder-only model; see the module docstring for encoder-decoder models).
+        query: (batch, head, pos, d_qk), as the kernel receives it (post-RoPE, post QK-norm).
+        key: (batch, kv_head, kv_pos, d_qk), not repeated for GQA.
+        value: (batch, kv_head, kv_pos, d_v).
         attention_mask: what the model passed to its kernel: None, bool (True = attend) or an
-            additive float mask, broadcastable to (batch, 1, pos, kv_pos).
-        scaling: the softmax scale the model uses (usually d_head ** -0.5).
-        softcap: tanh soft-capping of the logits, if the config sets one.
-        sliding_window: the layer's window, if any.
-        is_causal: whether the module is causal (used when the mask is None).
+            additive float mask (0 / very negative, or carrying a bias such as ALiBi),
+            broadcastable to (batch, head, pos, kv_pos).
+        scaling: the softmax scale the model uses (usually d_qk ** -0.5).
+        softcap: tanh soft-capping of the logits, if the layer sets one.
+        sliding_window: the layer's window, if any (the mask encodes it whenever one is given).
+        is_causal: whether the call is causal (used when the mask is None).
+        s_aux: learned sink logits (head,) or None: one extra logit column per head in the
+            softmax denominator that takes mass but is not a key (gpt-oss).
+        position_bias: additive logit bias broadcastable to (batch, head, pos, kv_pos) (T5
+            relative positions), or None.
+        mask_bias: whether a float ``attention_mask`` carries finite non-zero values (a bias to
+            add to the logits, not only a mask).
+        probs: the fallback for attention computed outside the interface: the model's own eager
+            probabilities (batch, head, pos, kv_pos); ``query`` / ``key`` / ``value`` are then
+            empty (last dim 0) and the scores are log-probabilities (the same softmax).
     """
 
     layer: int
@@ -51,11 +89,81 @@ class AttentionCall:
     sliding_window: int | None
     is_causal: bool
     module: Any = None
+    s_aux: torch.Tensor | None = None
+    position_bias: torch.Tensor | None = None
+    mask_bias: bool = False
+    probs: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        """True when the probabilities are a softmax over the keys alone (no sink column)."""
+        return self.s_aux is None
 
 
 Consumer = Callable[[AttentionCall], "torch.Tensor | None"]
 _CONSUMERS: list[Consumer] = []
 _REGISTERED = False
+_SITE = [0]  # the next call's site number (reset before each forward pass of a captured model)
+_OWN_OUTPUT = [False]  # compute the output ourselves (the model does not support sdpa)
+
+
+def check_kwargs(kwargs: dict[str, Any], module: Any = None) -> None:
+    """Refuse a keyword that is set, not understood, and could change the probabilities.
+
+    Raises:
+        CaptureError: one line naming the keyword and the module class.
+    """
+    for name, value in kwargs.items():
+        if name in HONOURED or name in IGNORED or value is None or value is False:
+            continue
+        owner = type(module).__name__ if module is not None else "the model"
+        raise CaptureError(
+            f"{owner} passes '{name}' to its attention kernel, which the capture does not understand and "
+            "which could change the attention probabilities; refusing rather than measuring wrong numbers"
+        )
+
+
+def _has_bias(mask: torch.Tensor | None) -> bool:
+    """Whether a float mask holds finite non-zero entries (an additive bias, e.g. ALiBi)."""
+    if mask is None or mask.dtype == torch.bool:
+        return False
+    live = mask > torch.finfo(mask.dtype).min / 2
+    return bool((mask[live] != 0).any())
+
+
+def make_call(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
+              kwargs: dict[str, Any], layer: int) -> AttentionCall:
+    """Check the keywords and build the :class:`AttentionCall` of one kernel call."""
+    check_kwargs(kwargs, module)
+    if dropout and getattr(module, "training", False):
+        raise CaptureError(f"{type(module).__name__} runs attention dropout ({dropout}); call model.eval() first")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    s_aux = kwargs.get("s_aux")
+    if s_aux is not None:
+        s_aux = s_aux.reshape(-1)
+        if s_aux.shape[0] != query.shape[1]:
+            raise CaptureError(f"{type(module).__name__}: {s_aux.shape[0]} sink logits for {query.shape[1]} heads")
+    return AttentionCall(
+        layer=layer,
+        query=query,
+        key=key,
+        value=value,
+        attention_mask=attention_mask,
+        scaling=float(scaling),
+        softcap=float(softcap) if softcap else None,
+        sliding_window=kwargs.get("sliding_window"),
+        is_causal=bool(is_causal),
+        module=module,
+        s_aux=s_aux,
+        position_bias=kwargs.get("position_bias"),
+        mask_bias=_has_bias(attention_mask),
+    )
 
 
 def _capture_attention(
@@ -71,37 +179,23 @@ def _capture_attention(
     """The registered attention function: report to the consumer, then run the real kernel."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    softcap = kwargs.get("softcap")
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = bool(getattr(module, "is_causal", True))
-    call = AttentionCall(
-        layer=int(getattr(module, "layer_idx", -1) if getattr(module, "layer_idx", None) is not None else -1),
-        query=query,
-        key=key,
-        value=value,
-        attention_mask=attention_mask,
-        scaling=float(scaling),
-        softcap=float(softcap) if softcap else None,
-        sliding_window=kwargs.get("sliding_window"),
-        is_causal=bool(is_causal),
-        module=module,
-    )
+    call = make_call(module, query, key, value, attention_mask, scaling, dropout, kwargs, _SITE[0])
+    _SITE[0] += 1
     replaced = None
     if _CONSUMERS:
         replaced = _CONSUMERS[-1](call)
     if replaced is not None:  # a consumer (verification) computed the output itself
         return replaced, None
-    if softcap:
-        return _eager(module, call, dropout)
+    if call.softcap or call.s_aux is not None or call.mask_bias or call.position_bias is not None or _OWN_OUTPUT[0]:
+        # sdpa cannot apply these (or the model does not support it): eager from our own probabilities
+        return _eager(module, call, 0.0)
     fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return fn(module, query, key, value, attention_mask, dropout=0.0, scaling=call.scaling, **kwargs)
 
 
-def _eager(module: torch.nn.Module, call: AttentionCall, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention with our own score computation (used when a soft-cap is set)."""
+def _eager(module: torch.nn.Module | None, call: AttentionCall, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention from our own probabilities (soft-cap, sinks, biased masks): output
+    (batch, pos, head, d_v) and probabilities (batch, head, pos, kv_pos)."""
     probs = attention_probs(call)
     groups = call.query.shape[1] // call.key.shape[1]
     v = call.value.repeat_interleave(groups, dim=1)
@@ -125,27 +219,41 @@ def ensure_registered() -> None:
     _REGISTERED = True
 
 
+def _reset_site(*_: Any) -> None:
+    _SITE[0] = 0
+
+
 @contextmanager
 def capturing(model: Any, consumer: Consumer) -> Iterator[None]:
     """Route every attention call of ``model`` through ``consumer`` while the block runs.
 
-    The consumer may return a tensor (batch, pos, head, d_head) to replace the layer's output
-    (used by verification); returning None keeps the model's own kernel.
+    The consumer may return a tensor (batch, pos, head, d_v) to replace the call's output
+    (used by verification); returning None keeps the model's own kernel. Site numbers restart
+    at 0 whenever the model (or its base model) starts a forward pass.
     """
     ensure_registered()
     previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
     try:
         model.set_attn_implementation(CAPTURE_IMPL)
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/KeyError here
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CaptureError(
-            f"{type(model).__name__} does not accept a custom attention implementation ({exc}); "
+            f"{type(model).__name__} does not accept a custom attention implementation ({msg}); "
             "see --list-families"
         ) from None
+    own_before = _OWN_OUTPUT[0]
+    _OWN_OUTPUT[0] = not getattr(model, "_supports_sdpa", True)
+    tops = {id(m): m for m in (model, getattr(model, "base_model", model))}
+    handles = [m.register_forward_pre_hook(_reset_site) for m in tops.values()]
+    _reset_site()
     _CONSUMERS.append(consumer)
     try:
         yield
     finally:
         _CONSUMERS.pop()
+        _OWN_OUTPUT[0] = own_before
+        for h in handles:
+            h.remove()
         model.set_attn_implementation(previous)
 
 
@@ -194,6 +302,8 @@ def scores(
     Returns:
         (batch, head, rows, keys) float32; query head h reads KV head h // (H_q / H_kv).
     """
+    if call.probs is not None:
+        return _log_probs(call.probs, rows, keys, out)
     q = call.query if rows is None else call.query[:, :, rows]
     k = call.key if keys is None else call.key[:, :, :keys]
     b, hq, r, d = q.shape
@@ -213,15 +323,41 @@ def scores(
         s.mul_(call.scaling)
     if call.softcap:
         s = torch.tanh(s / call.softcap) * call.softcap
+    n_keys = k.shape[2]
+    for bias in (call.position_bias, call.attention_mask if call.mask_bias else None):
+        if bias is not None:  # additive logits, as eager adds them (after scaling and soft-cap)
+            b_rows = bias[..., :n_keys] if bias.shape[-2] == 1 or rows is None else bias[..., rows, :n_keys]
+            live = b_rows > torch.finfo(b_rows.dtype).min / 2
+            s = s.add_(torch.where(live, b_rows, 0).float())
     if not masked:
         return s
-    return s.masked_fill_(~allowed_mask(call, rows, k.shape[2]), float("-inf"))
+    return s.masked_fill_(~allowed_mask(call, rows, n_keys), float("-inf"))
+
+
+def _log_probs(probs: torch.Tensor, rows: slice | torch.Tensor | None, keys: int | None,
+               out: torch.Tensor | None) -> torch.Tensor:
+    """Fallback scores: log of the eager probabilities (batch, head, rows, keys), float32; keys
+    with probability 0 (masked, or underflowed to 0 in the model itself) get -inf."""
+    p = probs if rows is None else probs[:, :, rows]
+    p = p if keys is None else p[..., :keys]
+    if out is None:
+        return torch.log(p.float())
+    return torch.log(p.float(), out=out) if p.dtype == torch.float32 else torch.log(out.copy_(p), out=out)
 
 
 def attention_probs(call: AttentionCall) -> torch.Tensor:
     """Attention probabilities recomputed from the captured Q/K, (batch, head, pos, kv_pos) float32.
 
+    With learned sink logits (``s_aux``) the softmax runs over the keys and one sink column per
+    head, which is then dropped: the rows sum to 1 minus the sink's mass, as the model computes.
     Rows with no allowed key (fully padded) are all zeros.
     """
-    probs = torch.softmax(scores(call), dim=-1)
+    if call.probs is not None:
+        return call.probs.float()
+    s = scores(call)
+    if call.s_aux is None:
+        probs = torch.softmax(s, dim=-1)
+    else:
+        sink = call.s_aux.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
     return torch.nan_to_num(probs, nan=0.0)

@@ -4,6 +4,7 @@ shard the sequences over torchrun ranks and gather the ranks' states."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -11,11 +12,15 @@ import torch
 from attn_audit.capture import distributed
 from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
 from attn_audit.capture.hooks import projection_hooks
-from attn_audit.capture.interface import capturing
+from attn_audit.capture.interface import AttentionCall, capturing
 from attn_audit.config import AuditConfig
 from attn_audit.data import TokenData, batches
-from attn_audit.errors import CaptureError, CheckpointError
+from attn_audit.errors import CaptureError, CheckpointError, UnsupportedFamilyError
 from attn_audit.progress import NullProgress, Progress
+
+FALLBACK = "eager-fallback"
+"""``info["capture"]`` of a model whose attention is computed outside the interface: the audit
+reads the model's own eager ``output_attentions`` probabilities instead of Q/K."""
 
 
 def capture_length(
@@ -41,7 +46,7 @@ def capture_length(
     if size > 1:
         checkpoint = None  # checkpoints are for single-process runs
         progress = progress if rank == 0 else NullProgress()
-    _capture_shard(model, info["family"], data, lo, hi, config, pad_id, acc, progress, checkpoint, last)
+    _capture_shard(model, info, data, lo, hi, config, pad_id, acc, progress, checkpoint, last)
     if size > 1:
         states = distributed.gather_states(acc.state())
         if states is None:
@@ -58,8 +63,8 @@ def capture_length(
     return summary
 
 
-def _capture_shard(model: Any, family: str, data: TokenData, lo: int, hi: int, config: AuditConfig, pad_id: int,
-                   acc: Any, progress: Progress, checkpoint: Any, last: bool) -> None:
+def _capture_shard(model: Any, info: dict[str, Any], data: TokenData, lo: int, hi: int, config: AuditConfig,
+                   pad_id: int, acc: Any, progress: Progress, checkpoint: Any, last: bool) -> None:
     """Fold this rank's ``data.sequences[lo:hi]`` into ``acc`` in batches of (batch, pos) ids and masks, skipping
     those a resumed checkpoint holds; save every ``checkpoint.every`` sequences and at the length's end unless it
     ends the audit (``last``); progress in tokens; freed memory released after each batch."""
@@ -71,13 +76,19 @@ def _capture_shard(model: Any, family: str, data: TokenData, lo: int, hi: int, c
     progress.start(f"seq-len {data.seq_len}", sum(len(s) for s in data.sequences[lo:hi]))
     progress.advance(sum(len(s) for s in data.sequences[lo:done]))
     since_save = 0
-    with torch.inference_mode(), capturing(model, acc), projection_hooks(model, family, acc.on_projection):
+    fallback = info.get("capture") == FALLBACK
+    capture = contextlib.nullcontext() if fallback else capturing(model, acc)
+    with torch.inference_mode(), capture, projection_hooks(model, info, acc.on_projection):
         for local, ids, mask in batches(data.sequences[lo:hi], config.batch_size, pad_id):
             start = lo + local
             if start < done:
                 continue
             acc.begin_batch(start, mask.to(device))
-            base(input_ids=ids.to(device), attention_mask=mask.to(device))
+            if fallback:
+                for call in fallback_calls(model, info, ids.to(device), mask.to(device)):
+                    acc(call)
+            else:
+                base(input_ids=ids.to(device), attention_mask=mask.to(device))
             progress.advance(int(mask.sum()))
             since_save += ids.shape[0]
             finished = start + ids.shape[0]
@@ -107,6 +118,83 @@ def _restore(checkpoint: Any, acc: Any, seq_len: int, total: int, batch_size: in
         raise CheckpointError(f"the checkpoint in {checkpoint.dir.parent} does not fit this run "
                               f"({type(exc).__name__}); drop --resume and pass --force to start over") from None
     return done
+
+
+def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
+    """One short forward pass under the capture: every attention site must reach the interface
+    with the heads and head size the model info states (before any long run starts).
+
+    Raises:
+        UnsupportedFamilyError: no call reaches the interface (attention computed in the model's
+            own code), or fewer sites than attention layers.
+        CaptureError: a call's keywords are refused, or its shapes disagree with the info.
+    """
+    device = next(model.parameters()).device
+    seen: list[tuple[int, int, int]] = []
+
+    def consumer(call: Any) -> None:
+        seen.append((call.query.shape[1], call.key.shape[1], call.query.shape[-1]))
+
+    ids = torch.arange(1, tokens + 1, device=device).view(1, -1)
+    with torch.inference_mode(), capturing(model, consumer):
+        getattr(model, "base_model", model)(input_ids=ids, attention_mask=torch.ones_like(ids))
+    name = info.get("family", "?")
+    info["capture"] = "interface"
+    if not seen:
+        try:
+            probs = eager_attentions(model, ids, torch.ones_like(ids))
+        except Exception:  # noqa: BLE001 - the model's eager path cannot return its probabilities
+            probs = []
+        if len(probs) == info["num_layers"] and all(p.shape == (1, info["num_heads"], tokens, tokens) for p in probs):
+            info["capture"] = FALLBACK
+            return
+        raise UnsupportedFamilyError(
+            f"model_type '{name}' computes attention in its own code, outside transformers' attention interface; "
+            "its Q/K cannot be captured (see --list-families)")
+    if len(seen) != info["num_layers"]:
+        raise UnsupportedFamilyError(
+            f"model_type '{name}': {len(seen)} attention calls per forward pass but {info['num_layers']} attention "
+            "layers in its config; some layers compute attention outside the interface (see --list-families)")
+    want = (info["num_heads"], info["num_kv_heads"], info["head_dim"])
+    odd = [i for i, s in enumerate(seen) if s != want]
+    if odd:
+        raise CaptureError(
+            f"attention site {odd[0]} has (heads, kv heads, head_dim) = {seen[odd[0]]}, the config says {want} "
+            "(heads that vary per layer are not supported)")
+
+
+def eager_attentions(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The model's own eager attention probabilities, one (batch, head, pos, pos) per layer.
+
+    A model outside the interface ignores ``set_attn_implementation`` (transformers only warns),
+    yet reads ``config._attn_implementation`` in its forward pass (Falcon: an sdpa-style boolean
+    mask added to eager scores gives wrong probabilities): the configs are switched directly.
+    """
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}
+    configs[id(model.config)] = model.config
+    previous = {k: c._attn_implementation_internal for k, c in configs.items()}
+    for c in configs.values():
+        c._attn_implementation_internal = "eager"
+    try:
+        out = getattr(model, "base_model", model)(input_ids=ids, attention_mask=mask, output_attentions=True)
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation_internal = previous[k]
+    return [a for a in (getattr(out, "attentions", None) or []) if a is not None]
+
+
+def fallback_calls(model: Any, info: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor) -> list[AttentionCall]:
+    """The fallback for attention computed outside the interface: one call per layer carrying
+    the eager probabilities (batch, head, pos, pos) and empty Q/K (no Q/K sites)."""
+    out = []
+    for layer, p in enumerate(eager_attentions(model, ids, mask)):
+        b, h, n, _ = p.shape
+        empty_q = p.new_empty(b, h, n, 0)
+        empty_k = p.new_empty(b, info["num_kv_heads"], n, 0)
+        out.append(AttentionCall(layer=layer, query=empty_q, key=empty_k, value=empty_k, attention_mask=None,
+                                 scaling=1.0, softcap=None, sliding_window=None, is_causal=bool(info["causal"]),
+                                 probs=p))
+    return out
 
 
 def release_freed_memory() -> None:
