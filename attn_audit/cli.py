@@ -18,6 +18,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # right after the score matmuls and would share the cores with them (audit 41 s -> 34 s at
 # 8 x 1024, forward unchanged). Read by libgomp when torch loads, so it is set here.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -144,6 +145,17 @@ def _config(ns: argparse.Namespace) -> Any:
     )
 
 
+def planned_files(formats: Iterable[str], exports: Iterable[str]) -> list[str]:
+    """The files (relative to ``--out``) a run with these formats and exports writes."""
+    from attn_audit.export import EXPORTERS
+    from attn_audit.report import file_name
+
+    names = [file_name(f) for f in formats if f != "terminal"]
+    for e in exports:
+        names.extend(EXPORTERS[e].files)
+    return names
+
+
 def _list_models() -> str:
     from attn_audit.load import ALIASES, DEFAULT_MODEL
 
@@ -153,7 +165,7 @@ def _list_models() -> str:
 
 def _list_families() -> str:
     """The committed sweep table (no torch): each model_type's status, then the summary."""
-    from attn_audit.families_table import render_text
+    from attn_audit.report.families import render_text
     from attn_audit.load import families
 
     return render_text(families())
@@ -215,7 +227,7 @@ def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
     # ---- everything below is validated before any model is loaded ----
     from attn_audit import gate
     from attn_audit.export import parse_export_names
-    from attn_audit.outdir import OutLock, check_out_dir, default_out, planned_files
+    from attn_audit.outdir import OutLock, check_out_dir, default_out
 
     formats = _formats(ns.format)
     checks = [gate.parse(e) for e in ns.fail_if]

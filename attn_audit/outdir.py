@@ -36,17 +36,6 @@ def default_out(name: str) -> Path:
     return out
 
 
-def planned_files(formats: Iterable[str], exports: Iterable[str]) -> list[str]:
-    """The files (relative to ``--out``) a run with these formats and exports writes."""
-    from attn_audit.export import EXPORTERS
-    from attn_audit.report import file_name
-
-    names = [file_name(f) for f in formats if f != "terminal"]
-    for e in exports:
-        names.extend(EXPORTERS[e].files)
-    return names
-
-
 def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 

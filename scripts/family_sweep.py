@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attn_audit.families_table import render_markdown, summary_line  # noqa: E402
+from attn_audit.report.families import render_markdown, summary_line  # noqa: E402
 
 JSON_PATH = ROOT / "attn_audit" / "families.json"
 DOC_PATH = ROOT / "docs" / "families.md"

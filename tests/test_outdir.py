@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from attn_audit.cli import main
+from attn_audit.cli import main, planned_files
 from attn_audit.errors import ExitCode, OutputError
-from attn_audit.outdir import OutLock, check_out_dir, default_out, planned_files, slug
+from attn_audit.outdir import OutLock, check_out_dir, default_out, slug
 from tests.synthetic import make_result
 
 
