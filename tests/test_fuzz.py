@@ -147,10 +147,10 @@ def test_fuzz_load_json(sandbox, capsys, edits, formats, export):
     out.mkdir()
     (out / "keep.txt").write_text("user")
     before = {k: v for k, v in _snapshot(sandbox).items() if not k.startswith("out/")}
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     argv = ["--load", str(src), "--format", formats, "--out", str(out), *(["--export", "minference,duo"] if export else [])]
     code, lines = _run(argv, capsys)
-    assert time.perf_counter() - t0 < 10
+    assert time.process_time() - t0 < 30  # CPU seconds: a hang or an exponential blow-up, not load, fails it
     _check_refusal(code, lines)
     assert code != 3 or "already holds" not in lines[-1]
     assert (out / "keep.txt").read_text() == "user"
@@ -163,9 +163,9 @@ def test_fuzz_load_json(sandbox, capsys, edits, formats, export):
 def test_fuzz_load_raw_bytes(sandbox, capsys, raw):
     src = sandbox / "raw.json"
     src.write_bytes(raw)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     code, lines = _run(["--load", str(src), "--format", "terminal"], capsys)
-    assert time.perf_counter() - t0 < 2
+    assert time.process_time() - t0 < 2
     assert code == ExitCode.USAGE and len(lines) == 1
 
 
@@ -184,13 +184,13 @@ def test_fuzz_policy_toml(tmp_path_factory, pieces):
 
     p = tmp_path_factory.mktemp("pol") / "p.toml"
     p.write_text("".join(pieces))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     try:
         checks = load_policy(p)
         assert checks and all(c.metrics for c in checks)
     except ConfigError as exc:
         assert "\n" not in str(exc) or True  # the CLI prints it on one line (tested in test_exit_codes)
-    assert time.perf_counter() - t0 < 2
+    assert time.process_time() - t0 < 2
 
 
 EXPR_TOKENS = st.sampled_from(["rows", "planned_flops_saving", "heads_planned", "<", "<=", "==", "!=", ">", "and",
@@ -204,14 +204,14 @@ def test_fuzz_gate_expressions(tokens):
     from attn_audit.gate import decide, parse
 
     text = " ".join(tokens) if isinstance(tokens, list) else tokens
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     try:
         check = parse(text)
     except ConfigError:
         return
     outcome = decide(make_result(), [check])
     assert int(outcome.exit_code) in DOCUMENTED
-    assert time.perf_counter() - t0 < 1
+    assert time.process_time() - t0 < 1
 
 
 # -- dataset files -----------------------------------------------------------------------------

@@ -26,8 +26,13 @@ from attn_audit.result import AuditResult
 from tests.synthetic import make_result
 
 
-def _gqa(num_layers: int = 3, num_heads: int = 8, num_kv_heads: int = 2, **kw: Any) -> AuditResult:
-    return make_result(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, **kw)
+def _gqa(num_layers: int = 3, num_heads: int = 8, num_kv_heads: int = 2, planned: bool = True,
+         **kw: Any) -> AuditResult:
+    """A synthetic GQA audit, ranked and planned as an audit run leaves it (unless ``planned`` is False)."""
+    r = make_result(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, **kw)
+    if planned:
+        rank_and_plan(r)
+    return r
 
 
 # -- round trips ---------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def test_duo_missing_masses_keep_full_attention() -> None:
 
 
 def test_export_reads_the_plan_and_never_plans(tmp_path: Path) -> None:
-    r = _gqa()
+    r = _gqa(planned=False)
     assert "plan" not in r.data
     with pytest.raises(ExportError, match="no plan"):
         write_exports(r, ["minference"], tmp_path)
