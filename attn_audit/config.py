@@ -15,6 +15,8 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
 PRIMARY_EPS = 0.05
+# kernel patterns measured per head (attn_audit.rows.patterns; torch-free names here)
+PATTERN_NAMES = ("row-topk", "block-oracle", "block-topk", "streaming", "vertical-slash")
 
 
 def primary_eps_index(eps: Sequence[float]) -> int:
@@ -38,6 +40,8 @@ class MeasureSpec:
     window: local window; key j is local for a query at q if ``q - window < j <= q``.
     min_keys: rows with fewer allowed keys are left out of the aggregates.
     rows_per_sequence: query rows sampled per sequence; None measures every row (``--exact``).
+    block_size: kernel tile size of the pattern measurements (``--block-size``).
+    patterns: kernel patterns measured per head (``--patterns``; empty: none).
     """
 
     eps: tuple[float, ...] = (0.01, 0.05, 0.1)
@@ -46,6 +50,8 @@ class MeasureSpec:
     window: int = 64
     min_keys: int = 16
     rows_per_sequence: int | None = 256
+    block_size: int = 64
+    patterns: tuple[str, ...] = PATTERN_NAMES
     eps_keys: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,10 +82,15 @@ class MeasureSpec:
              f"--rows-per-sequence {self.rows_per_sequence} must be at least 1"),
             (self.sinks >= 0, f"--sinks {self.sinks} must be 0 or more"),
             (self.window >= 0, f"--window {self.window} must be 0 or more"),
+            (self.block_size >= 1, f"--block-size {self.block_size} must be at least 1 (e.g. 64)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        for p in self.patterns:
+            if p not in PATTERN_NAMES:
+                raise ConfigError(f"--patterns {p!r} is unknown (known: {', '.join(PATTERN_NAMES)}, none)")
 
     @property
     def exact(self) -> bool:
