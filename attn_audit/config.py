@@ -160,6 +160,17 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     return vals
 
 
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """``--patterns``: "all", "none" or a comma list of :data:`PATTERN_NAMES` (validated by
+    :class:`MeasureSpec`)."""
+    t = text.strip().lower()
+    if t == "all":
+        return PATTERN_NAMES
+    if t in ("none", ""):
+        return ()
+    return tuple(x.strip() for x in t.split(",") if x.strip())
+
+
 def parse_eps(text: str) -> tuple[str, ...]:
     """Split "0.01,0.05" keeping each value as written (they key audit.json); validated by
     :class:`MeasureSpec`."""

@@ -53,6 +53,8 @@ def add_patterns(heads: list[dict[str, Any]], summary: dict[str, Any], eps_keys:
         rows = int(pt["rows"][layer, head])
         by_pattern: dict[str, Any] = {}
         for name, hist_all in pt["need_hist"].items():
+            if not hist_all.any():  # not measurable here (vertical-slash on a bidirectional model)
+                continue
             hist = hist_all[layer, head]  # (E, nb + 2)
             kept = pt["kept_sum"][name][layer, head] / rows if rows else np.full(nb + 1, np.nan)
             entry: dict[str, Any] = {"unit": UNITS[name],
