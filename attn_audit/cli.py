@@ -127,7 +127,13 @@ def _formats(text: str) -> list[str]:
 
 
 def _config(ns: argparse.Namespace) -> Any:
-    from attn_audit.config import AuditConfig, MeasureSpec, parse_eps, parse_int_list, parse_patterns
+    from attn_audit.config import (
+        AuditConfig,
+        MeasureSpec,
+        parse_eps,
+        parse_int_list,
+        parse_patterns,
+    )
 
     measure = MeasureSpec(
         eps=parse_eps(ns.eps),

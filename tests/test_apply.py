@@ -17,7 +17,12 @@ import attn_audit
 from attn_audit.capture.interface import AttentionCall, allowed_mask, capturing
 from attn_audit.errors import ConfigError
 from attn_audit.export.flex import shape_hash
-from attn_audit.rows.patterns import VS_LAST_Q, block_estimate_order, rank_of, vertical_slash_order
+from attn_audit.rows.patterns import (
+    VS_LAST_Q,
+    block_estimate_order,
+    rank_of,
+    vertical_slash_order,
+)
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,13 @@ import torch
 from attn_audit.apply.plan import HeadPattern, LoadedPlan, load_plan
 from attn_audit.capture.interface import AttentionCall, allowed_mask
 from attn_audit.errors import ConfigError
-from attn_audit.rows.patterns import VS_LAST_Q, block_estimate_order, num_blocks, rank_of, vertical_slash_order
+from attn_audit.rows.patterns import (
+    VS_LAST_Q,
+    block_estimate_order,
+    num_blocks,
+    rank_of,
+    vertical_slash_order,
+)
 
 FLEX_IMPL = "attn_audit_flex"
 _STATE_ATTR = "_attn_audit_flex"
@@ -31,7 +37,10 @@ def _ensure_registered() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(FLEX_IMPL, _flex_attention)
@@ -161,7 +170,7 @@ def planned_attention(call: AttentionCall, heads: dict[int, HeadPattern], block:
                       compile: bool = True) -> torch.Tensor:
     """Output (B, H, n, d) of one layer: planned heads by FlexAttention with their pattern's block
     mask, the other heads by ``scaled_dot_product_attention`` under the model's mask."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     q, k, v = call.query, call.key, call.value
     B, H, n, d = q.shape
