@@ -65,19 +65,19 @@ EXPORTERS: dict[str, Exporter] = {
         minference.render,
         lambda out, info: read_minference(out / minference.FILENAME, info),
     ),
-    "flex": Exporter(
-        "flex",
-        "attn-audit flex_plan.json: per-head kernel patterns for attn_audit.apply_plan (FlexAttention)",
-        (flex.FILENAME,),
-        flex.render,
-        lambda out, info: flex.read_flex(out / flex.FILENAME, info),
-    ),
     "duo": Exporter(
         "duo",
         "DuoAttention full_attention_heads.tsv + config.json",
         (duo.TSV, duo.CONFIG),
         duo.render,
         lambda out, info: read_duo(out / "duo", info),
+    ),
+    "flex": Exporter(
+        "flex",
+        "attn-audit flex_plan.json: per-head kernel patterns for attn_audit.apply_plan (FlexAttention)",
+        (flex.FILENAME,),
+        flex.render,
+        lambda out, info: flex.read_flex(out / flex.FILENAME, info),
     ),
 }
 

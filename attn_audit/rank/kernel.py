@@ -205,3 +205,28 @@ def _why(choice: Mapping[str, Any], eps_key: str) -> str:
     best = c[choice["pattern"]]
     return (f"{choice['pattern']} level {best['level']} keeps 1-{eps_key} in 90% of rows at "
             f"{1 - best['flops_saving']:.0%} of dense tiles")
+
+
+def measured_level(rec: Mapping[str, Any], pattern: str, eps_key: str, target: int) -> tuple[int, float | None] | None:
+    """(level at ``target``, mean kept mass at the audited level) of ``pattern`` for a head with
+    ``patterns``; None when the pattern was not measured."""
+    pats = rec.get("patterns")
+    if not isinstance(pats, Mapping):
+        return None
+    entry = (pats.get("by_pattern") or {}).get(pattern)
+    if not isinstance(entry, Mapping):
+        return None
+    at = (entry.get("by_eps") or {}).get(eps_key) or {}
+    if at.get("level_p90") is None:
+        return None
+    level = int(at["level_p90"])
+    return scaled_level(level, int(pats["seq_len"]), target, int(pats["block_size"])), at.get("kept_mass_at_p90")
+
+
+def kept_mass_at(rec: Mapping[str, Any], pattern: str, level: int) -> float | None:
+    """Mean kept mass of ``pattern`` at ``level`` (audited length; capped at the last level)."""
+    entry = ((rec.get("patterns") or {}).get("by_pattern") or {}).get(pattern)
+    if not isinstance(entry, Mapping) or not entry.get("kept_mass"):
+        return None
+    curve = entry["kept_mass"]
+    return curve[min(level, len(curve) - 1)]
