@@ -217,3 +217,32 @@ def test_patterns_on_smollm2_layers(smollm2) -> None:
     assert len(calls) == 2
     for call in calls.values():
         _compare(_accumulate(call, pad, spec, True), brute_force(call, pad, spec))
+
+
+def tiny_gemma3():
+    """A random 2-layer Gemma 3 text model: layer 0 local (sliding window 16), layer 1 global."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gemma3_text", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256,
+                               max_position_embeddings=256, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"])
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def test_patterns_on_gemma3_local_and_global_layers() -> None:
+    """Gemma 3's local (sliding-window mask from the model) and global layers, GQA 4/2."""
+    model = tiny_gemma3()
+    calls: dict[int, AttentionCall] = {}
+    with torch.no_grad(), capturing(model, lambda call: calls.__setitem__(call.layer, call)):
+        model(torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(4)))
+    assert calls[0].sliding_window == 16 and calls[1].sliding_window is None
+    spec = MeasureSpec(rows_per_sequence=None, block_size=16, min_keys=4, eps=(0.05, 0.2))
+    pad = torch.ones(1, 80, dtype=torch.bool)
+    for layer, call in calls.items():
+        call.layer = 0
+        want = brute_force(call, pad, spec)
+        _compare(_accumulate(call, pad, spec, True), want)
+        if layer == 0:  # a 16-key window: streaming with 2 blocks covers every row
+            assert want["need_hist"]["streaming"][:, :, 3:].sum() == 0
