@@ -78,3 +78,18 @@ def test_exports_follow_measured_patterns(tmp_path: Path) -> None:
     assert plan["layers"][0]["0"] == {"pattern": "streaming", "sink_blocks": 1, "window_blocks": 1}
     assert plan["layers"][1]["3"] == {"pattern": "dense"}
     assert json.loads((tmp_path / "flex_plan.json").read_text())["block_size"] == 64
+
+
+def test_reports_show_kernel_pattern_and_both_savings() -> None:
+    from attn_audit.report import render
+
+    r = _result()
+    s = r.data["kernel_plan_summary"]
+    for fmt in ("terminal", "md"):
+        out = render(r, fmt)
+        assert "Kernel plan at 256 tokens, block 64" in out
+        assert f"{s['kernel_flops_saving']:.1%}" in out and f"{s['oracle_flops_saving']:.1%}" in out
+        assert "sink+1 blk" in out and "v64 s64" in out
+    bare = make_result(num_layers=2, num_heads=4, num_kv_heads=2)
+    rank_and_plan(bare)
+    assert "kernel_plan" not in bare.data and "Kernel plan" not in render(bare, "md")
