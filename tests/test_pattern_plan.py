@@ -93,3 +93,13 @@ def test_reports_show_kernel_pattern_and_both_savings() -> None:
     bare = make_result(num_layers=2, num_heads=4, num_kv_heads=2)
     rank_and_plan(bare)
     assert "kernel_plan" not in bare.data and "Kernel plan" not in render(bare, "md")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--patterns", "diagonal"], "--patterns 'diagonal' is unknown"),
+    (["--block-size", "0"], "--block-size 0 must be at least 1"),
+])
+def test_pattern_options_fail_fast(args: list[str], needle: str) -> None:
+    from tests.test_cli_errors import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("smollm2-135m-instruct", *args), 2, needle)
