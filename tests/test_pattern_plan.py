@@ -90,6 +90,8 @@ def test_reports_show_kernel_pattern_and_both_savings() -> None:
         assert "Kernel plan at 256 tokens, block 64" in out
         assert f"{s['kernel_flops_saving']:.1%}" in out and f"{s['oracle_flops_saving']:.1%}" in out
         assert "sink+1 blk" in out and "v64 s64" in out
+    html = render(r, "html")
+    assert "<h3>Kernel plan</h3>" in html and 'aria-label="oracle against kernel saving per head"' in html
     bare = make_result(num_layers=2, num_heads=4, num_kv_heads=2)
     rank_and_plan(bare)
     assert "kernel_plan" not in bare.data and "Kernel plan" not in render(bare, "md")
