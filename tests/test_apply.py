@@ -162,6 +162,8 @@ def test_flex_export_round_trips_in_a_fresh_process(tmp_path, minilm) -> None:
     result = audit(minilm.model, minilm.tokenizer, ["a few words of text here, " * 40] * 3, cfg, name="mini")
     heads = result.heads[0]["patterns"]["by_pattern"]
     assert set(heads) == {"row-topk", "block-oracle", "block-topk", "streaming"}  # no VS: bidirectional
+    assert heads["block-topk"]["estimate_flops"] > 0 and "estimate_flops" not in heads["streaming"]
+    assert len(heads["streaming"]["kept_mass"]) == 64 // 16 + 1
     write_exports(result, ["flex"], tmp_path)
     data = json.loads((tmp_path / "flex_plan.json").read_text())
     patterns = {v["pattern"] for layer in data["layers"] for v in layer.values()}

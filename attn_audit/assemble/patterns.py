@@ -14,7 +14,8 @@ From the pattern totals of the primary length (:mod:`attn_audit.capture.pattern_
 
 ``level_p90`` is the smallest level at which at least 90% of the measured rows keep ``1 − eps`` of
 their mass (the rows k_eps is measured on); ``tiles_saving_p90`` the share of whole tiles saved
-at that level at the audited length (:func:`attn_audit.rank.kernel.tiles`). ``block-topk`` also
+at that level at the audited length (:func:`attn_audit.rank.kernel.tiles`). Dynamic patterns
+carry ``estimate_flops``, the FLOPs their selection costs per head and sequence at that length. ``block-topk`` also
 reports ``covered_at_oracle_p90``: the share of rows its cheap estimate covers at the level the
 ``block-oracle`` needs.
 """
@@ -25,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from attn_audit.rank.kernel import budget_fields, level_at, tiles
+from attn_audit.rank.kernel import (
+    DYNAMIC,
+    budget_fields,
+    estimate_flops,
+    level_at,
+    tiles,
+)
 
 UNITS = {
     "row-topk": "level b keeps each row's b*block largest probabilities (oracle, no kernel)",
@@ -41,7 +48,7 @@ UNITS = {
 
 
 def add_patterns(heads: list[dict[str, Any]], summary: dict[str, Any], eps_keys: list[str],
-                 seq_len: int, causal: bool, sinks: int) -> None:
+                 seq_len: int, causal: bool, sinks: int, head_dim: int = 0) -> None:
     """Add ``patterns`` to every head record from the primary length's ``summary["patterns"]``."""
     pt = summary.get("patterns")
     if not pt:
@@ -59,6 +66,8 @@ def add_patterns(heads: list[dict[str, Any]], summary: dict[str, Any], eps_keys:
             kept = pt["kept_sum"][name][layer, head] / rows if rows else np.full(nb + 1, np.nan)
             entry: dict[str, Any] = {"unit": UNITS[name],
                                      "kept_mass": [_round(x) for x in kept]}
+            if name in DYNAMIC:  # FLOPs spent choosing the blocks, per head and sequence
+                entry["estimate_flops"] = estimate_flops(seq_len, block, head_dim, causal, name)
             by_eps = {}
             for e, key in enumerate(eps_keys):
                 level = level_at([int(c) for c in hist[e]], 0.9)

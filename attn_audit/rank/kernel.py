@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 KERNEL_PATTERNS = ("streaming", "block-topk", "vertical-slash")
+DYNAMIC = ("block-topk", "vertical-slash")  # chosen from the input, at a cost
 VS_LAST_Q = 64
 
 
