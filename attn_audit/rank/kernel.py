@@ -92,8 +92,9 @@ def level_at(hist: list[int], q: float = 0.9) -> int | None:
 def scaled_level(level: int, audited: int, target: int, block: int) -> int:
     """A level measured at ``audited`` tokens taken to ``target`` tokens.
 
-    Streaming keeps its window (in blocks) whatever the length; block-topk and vertical-slash
-    keep the same fraction of keys (conservative when k grows sub-linearly), rounded up.
+    Every pattern keeps the same fraction of the blocks, rounded up: conservative when the need
+    grows sub-linearly with the length (a streaming window that does not grow is then
+    over-provisioned; audit the target length to measure it).
     """
     if target == audited:
         return level
