@@ -26,6 +26,8 @@ from attn_audit.capture.totals import RowTotals
 from attn_audit.config import MeasureSpec
 from attn_audit.rows.dispatch import RowMetrics, row_metrics
 
+PATTERN_CHUNK_ELEMS = 1 << 22  # scores elements per step of the pattern measurement (float64 copies)
+
 
 @dataclass(frozen=True)
 class AccumulateConfig:
@@ -257,10 +259,13 @@ class Accumulator:
         b, h, r, n = s.shape
         q_bad, seq_bad = self._bad
         valid = self.totals.valid_rows(m, blk, mask, q_bad, seq_bad)
-        pr = pattern_rows(s.reshape(b * h, r, n), blk, self.spec.eps, self.spec.block_size, self.spec.sinks,
-                          call.is_causal, self.spec.patterns, est, b, keys_total=call.key.shape[2],
-                          mask_after=causal_only)
-        self.patterns.fold(call.layer, pr, valid)
+        flat = s.reshape(b * h, r, n)
+        step = max(1, PATTERN_CHUNK_ELEMS // max(b * h * n, 1))  # bounded float64 work copies
+        for r0 in range(0, r, step):
+            pr = pattern_rows(flat[:, r0:r0 + step], blk[r0:r0 + step], self.spec.eps, self.spec.block_size,
+                              self.spec.sinks, call.is_causal, self.spec.patterns, est, b,
+                              keys_total=call.key.shape[2], mask_after=causal_only)
+            self.patterns.fold(call.layer, pr, valid[:, :, r0:r0 + step])
 
     def _can_fuse(self, call: AttentionCall, rows: torch.Tensor) -> bool:
         """Whether this call's output can come from the measured weights: every query row is
