@@ -105,3 +105,39 @@ def test_pattern_options_fail_fast(args: list[str], needle: str) -> None:
     from tests.test_cli_errors import assert_one_line_error, run_cli
 
     assert_one_line_error(run_cli("smollm2-135m-instruct", *args), 2, needle)
+
+
+def test_flex_export_is_checked_against_the_model(tmp_path: Path) -> None:
+    from attn_audit.export import ExportError
+
+    r = _result()
+    wrong = {"num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+    with pytest.raises(ExportError, match="lacks"):
+        write_exports(r, ["flex"], tmp_path, model_info=wrong)
+    assert not any(tmp_path.iterdir())
+    write_exports(r, ["flex"], tmp_path)
+    path = tmp_path / "flex_plan.json"
+    good = json.loads(path.read_text())
+    for edit, fragment in [
+        (lambda d: d["layers"][0]["1"].update(pattern="a-shape"), "unknown pattern 'a-shape'"),
+        (lambda d: d["layers"][0]["0"].update(window_blocks=-1), "window_blocks must be an integer >= 0"),
+        (lambda d: d["layers"].pop(), "expected 2 layers"),
+        (lambda d: d.update(version=9), "version 9"),
+    ]:
+        data = json.loads(json.dumps(good))
+        edit(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(ExportError, match=fragment):
+            read_flex(path, r.model)
+    path.write_text(json.dumps(good))
+    other = dict(r.model, head_dim=int(r.model["head_dim"]) * 2)
+    with pytest.raises(ExportError, match="another model shape"):
+        read_flex(path, other)
+
+
+def test_flex_export_needs_measured_patterns(tmp_path: Path) -> None:
+    from attn_audit.export import ExportError
+
+    bare = make_result(num_layers=2, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ExportError, match="no heads\\[\\].patterns"):
+        write_exports(bare, ["flex"], tmp_path)
