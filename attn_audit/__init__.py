@@ -7,6 +7,7 @@ Public API (importing this package does not import torch):
 - :class:`AuditConfig` with its :class:`MeasureSpec`, :class:`AuditResult`
 - :func:`render` a result as terminal text, Markdown, HTML or JSON
 - :func:`assess_gaussianity` for your own (n, d) activations
+- :func:`apply_plan` / :func:`remove_plan`: run a plan's kernel patterns in the model (FlexAttention)
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _LAZY = {
     "AuditResult": "attn_audit.result",
     "render": "attn_audit.report",
     "assess_gaussianity": "attn_audit.stats",
+    "apply_plan": "attn_audit.apply",
+    "remove_plan": "attn_audit.apply",
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budgets", default="16,64,256", help="top-k budgets for tail mass (default 16,64,256)")
     s.add_argument("--sinks", type=int, default=1, help="leading positions treated as attention sinks (default 1)")
     s.add_argument("--window", type=int, default=64, help="local window size in keys (default 64)")
+    s.add_argument("--block-size", type=int, default=64, help="kernel tile size for the pattern coverage (default 64)")
+    s.add_argument("--patterns", default="all", help="kernel patterns measured per head: all, none or a comma list of "
+                   "row-topk,block-oracle,block-topk,streaming,vertical-slash (default all)")
     s.add_argument("--reservoir-size", type=int, default=2048, help="Q/K tokens sampled per layer for Gaussianity (default 2048)")
     pl = p.add_argument_group("plan, verification, exports and gate")
     pl.add_argument("--target-len", type=int, help="deployment context length for FLOPs savings (default: the longest --seq-len)")
@@ -120,7 +123,13 @@ def _formats(text: str) -> list[str]:
 
 
 def _config(ns: argparse.Namespace) -> Any:
-    from attn_audit.config import AuditConfig, MeasureSpec, parse_eps, parse_int_list
+    from attn_audit.config import (
+        AuditConfig,
+        MeasureSpec,
+        parse_eps,
+        parse_int_list,
+        parse_patterns,
+    )
 
     measure = MeasureSpec(
         eps=parse_eps(ns.eps),
@@ -129,6 +138,8 @@ def _config(ns: argparse.Namespace) -> Any:
         window=ns.window,
         min_keys=ns.min_keys,
         rows_per_sequence=None if ns.exact else ns.rows_per_sequence,
+        block_size=ns.block_size,
+        patterns=parse_patterns(ns.patterns),
     )
     return AuditConfig(
         seq_lens=parse_int_list(ns.seq_len, "--seq-len"),

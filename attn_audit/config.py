@@ -14,6 +14,8 @@ DEVICES = ("cpu", "cuda", "auto")
 
 
 PRIMARY_EPS = 0.05
+# kernel patterns measured per head (attn_audit.rows.patterns; torch-free names here)
+PATTERN_NAMES = ("row-topk", "block-oracle", "block-topk", "streaming", "vertical-slash")
 
 # Documented ranges of the integer options (README, "Options and their ranges"). Values beyond
 # them are refused with one line before any model loads instead of overflowing a C integer or
@@ -61,6 +63,8 @@ class MeasureSpec:
     window: local window; key j is local for a query at q if ``q - window < j <= q``.
     min_keys: rows with fewer allowed keys are left out of the aggregates.
     rows_per_sequence: query rows sampled per sequence; None measures every row (``--exact``).
+    block_size: kernel tile size of the pattern measurements (``--block-size``).
+    patterns: kernel patterns measured per head (``--patterns``; empty: none).
     """
 
     eps: tuple[float, ...] = (0.01, 0.05, 0.1)
@@ -69,6 +73,8 @@ class MeasureSpec:
     window: int = 64
     min_keys: int = 16
     rows_per_sequence: int | None = 256
+    block_size: int = 64
+    patterns: tuple[str, ...] = PATTERN_NAMES
     eps_keys: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -89,9 +95,7 @@ class MeasureSpec:
             raise ConfigError(f"--eps lists a value twice: {','.join(keys)}")
         object.__setattr__(self, "eps", tuple(values))
         object.__setattr__(self, "eps_keys", keys)
-        budgets = tuple(self.budgets)
-        if not budgets:
-            raise ConfigError("--budgets is empty; give values like 16,64,256")
+        budgets = tuple(self.budgets)  # may be empty: the kernels then measure no tail mass
         if len(budgets) > MAX_EPS:
             raise ConfigError(f"--budgets lists {len(budgets)} values; give at most {MAX_EPS}")
         object.__setattr__(self, "budgets", tuple(check_int("--budgets", b, 1, MAX_LENGTH) for b in budgets))
@@ -101,6 +105,11 @@ class MeasureSpec:
                                check_int("--rows-per-sequence", self.rows_per_sequence, 1, MAX_LENGTH))
         object.__setattr__(self, "sinks", check_int("--sinks", self.sinks, 0, MAX_LENGTH))
         object.__setattr__(self, "window", check_int("--window", self.window, 0, MAX_LENGTH))
+        object.__setattr__(self, "block_size", check_int("--block-size", self.block_size, 1, MAX_LENGTH))
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        for p in self.patterns:
+            if p not in PATTERN_NAMES:
+                raise ConfigError(f"--patterns {p!r} is unknown (known: {', '.join(PATTERN_NAMES)}, none)")
 
     @property
     def exact(self) -> bool:
@@ -171,6 +180,17 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     if not vals:
         raise ConfigError(f"{option} is empty; give at least one value")
     return vals
+
+
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """``--patterns``: "all", "none" or a comma list of :data:`PATTERN_NAMES` (validated by
+    :class:`MeasureSpec`)."""
+    t = text.strip().lower()
+    if t == "all":
+        return PATTERN_NAMES
+    if t in ("none", ""):
+        return ()
+    return tuple(x.strip() for x in t.split(",") if x.strip())
 
 
 def parse_eps(text: str) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from attn_audit.assemble.gaussianity import add_gaussianity
+from attn_audit.assemble.patterns import add_patterns
 from attn_audit.assemble.sparsity import head_sparsity
 from attn_audit.assemble.theory import (
     add_scaling,
@@ -76,6 +77,8 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
                 rec["by_length"] = {str(n): {"sparsity": per_length[n][(l, h)]} for n in sorted(summaries)}
             heads.append(rec)
     data["heads"] = heads
+    add_patterns(heads, s, eps_keys, primary, bool(info.get("causal", True)), config.measure.sinks,
+                 int(info.get("head_dim") or 0))
     add_gaussianity(heads, s, config, group)
     add_theory(heads, s, config, group)
     if weights is not None:

@@ -20,11 +20,14 @@ import numpy as np
 import torch
 
 from attn_audit.capture.interface import AttentionCall, allowed_mask, scores
+from attn_audit.capture.pattern_totals import PatternTotals
 from attn_audit.capture.reservoir import Reservoir, priorities
 from attn_audit.capture.totals import RowTotals
 from attn_audit.config import MeasureSpec
 from attn_audit.errors import CaptureError
 from attn_audit.rows.dispatch import RowMetrics, row_metrics
+
+PATTERN_CHUNK_ELEMS = 1 << 22  # scores elements per step of the pattern measurement (float64 copies)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class Accumulator:
         E, B = len(self.spec.eps), len(self.spec.budgets)
         L, H = self.L, self.H
         self.totals = RowTotals(L, H, seq_len, num_sequences, E, B, self.spec.min_keys)
+        # kernel-pattern coverage on the same rows (attn_audit.rows.patterns); None: not measured
+        self.patterns = PatternTotals(L, H, seq_len, self.spec) if self.spec.patterns else None
         self.max_q_norm = np.zeros((L, H))
         self.max_k_norm = np.zeros((L, self.Hkv))
         self.scale = np.zeros(L)
@@ -184,6 +189,7 @@ class Accumulator:
         self.tokens.update((layer, "k"), k[bi, :, pi])
         seq_bad = k_bad.any(-1).repeat_interleave(self.H // self.Hkv, dim=1)  # (batch, head)
         rows = self.batch_rows.to(q.device)
+        self._bad = (q_bad, seq_bad)
         m, out = self._measure(call, rows, mask)
         feats = self.totals.fold(layer, m, rows, mask, q_bad, seq_bad, self.seq_start)
         self.rows.update(layer, feats[self._row_sel[0], :, self._row_sel[1]])
@@ -229,6 +235,7 @@ class Accumulator:
         out = torch.empty(b, self.H, q.shape[2], call.value.shape[-1]) if fuse else None  # d_v may differ
         on_cpu = q.device.type == "cpu"  # (a GPU's caching allocator makes fresh blocks cheap)
         parts = []
+        est = self._pattern_estimates(call, mask)
         for start in range(0, len(rows), step):
             blk = rows[start : start + step]
             n_keys = int(blk.max()) + 1 if causal else keys_total
@@ -238,6 +245,8 @@ class Accumulator:
             m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec, causal=causal_only,
                             weights_out=None if w is None else w.view(b * self.H, len(blk), n_keys))
             parts.append(m)
+            if est is not None:
+                self._fold_patterns(call, s, blk, m, mask, est, causal_only)
             if start + step >= len(rows):
                 self._sample_row_logits(layer, s[:, :, -1], int(blk[-1]), mask)
             del s
@@ -251,6 +260,39 @@ class Accumulator:
         m = parts[0] if len(parts) == 1 else RowMetrics(**{
             f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in parts[0].to_dict()})
         return m, out
+
+    def _pattern_estimates(self, call: AttentionCall, mask: torch.Tensor) -> Any:
+        """The layer call's dynamic selections (block-topk order, vertical-slash ranks), or None
+        when no pattern is measured."""
+        if self.patterns is None:
+            return None
+        from attn_audit.rows.patterns import VS_LAST_Q, layer_estimates
+
+        n = call.query.shape[2]
+        last = torch.arange(max(n - VS_LAST_Q, 0), n, device=call.query.device)
+        allowed_last = None
+        if call.query.shape[2] == call.key.shape[2]:
+            allowed_last = allowed_mask(call, last) & mask[:, None, None, :]
+        pats = self.spec.patterns if call.is_causal else tuple(p for p in self.spec.patterns if p != "vertical-slash")
+        return layer_estimates(call.query, call.key, call.scaling, self.spec.block_size, call.is_causal,
+                               pats, allowed_last)
+
+    def _fold_patterns(self, call: AttentionCall, s: torch.Tensor, blk: torch.Tensor, m: RowMetrics,
+                       mask: torch.Tensor, est: Any, causal_only: bool) -> None:
+        """Fold the patterns' coverage of the row block ``blk`` (scores ``s``: (batch, head, R, keys))."""
+        from attn_audit.rows.patterns import pattern_rows
+
+        assert self.patterns is not None
+        b, h, r, n = s.shape
+        q_bad, seq_bad = self._bad
+        valid = self.totals.valid_rows(m, blk, mask, q_bad, seq_bad)
+        flat = s.reshape(b * h, r, n)
+        step = max(1, PATTERN_CHUNK_ELEMS // max(b * h * n, 1))  # bounded float64 work copies
+        for r0 in range(0, r, step):
+            pr = pattern_rows(flat[:, r0:r0 + step], blk[r0:r0 + step], self.spec.eps, self.spec.block_size,
+                              self.spec.sinks, call.is_causal, self.spec.patterns, est, b,
+                              keys_total=call.key.shape[2], mask_after=causal_only)
+            self.patterns.fold(call.layer, pr, valid[:, :, r0:r0 + step])
 
     def _can_fuse(self, call: AttentionCall, rows: torch.Tensor) -> bool:
         """Whether this call's output can come from the measured weights: every query row is
@@ -308,6 +350,8 @@ class Accumulator:
         """Everything needed to continue later, as plain numpy arrays (saved with np.savez)."""
         st: dict[str, np.ndarray] = {name: getattr(self, name) for name in self._ARRAYS}
         st.update(self.totals.state())
+        if self.patterns is not None:
+            st.update(self.patterns.state())
         st["layers_seen"] = np.array(sorted(self.layers_seen), dtype=np.int64)
         for layer, t in self.row_logits.items():
             st[f"row_logits.{layer}"] = t.numpy()
@@ -320,6 +364,8 @@ class Accumulator:
         for name in self._ARRAYS:
             getattr(self, name)[...] = st[name]
         self.totals.load_state(st)
+        if self.patterns is not None:
+            self.patterns.load_state(st)
         self.layers_seen = set(int(x) for x in st["layers_seen"])
         self.row_logits = {int(k.split(".")[1]): torch.from_numpy(np.array(v))
                            for k, v in st.items() if k.startswith("row_logits.")}
@@ -333,6 +379,8 @@ class Accumulator:
         priorities of the union (so the sample equals the one a single process would keep).
         """
         self.totals.merge_state(other)
+        if self.patterns is not None:
+            self.patterns.merge_state(other)
         self.x_norm_hist += other["x_norm_hist"]
         for name in ("max_q_norm", "max_k_norm", "scale", "x_norm_max"):
             arr = getattr(self, name)
@@ -389,6 +437,7 @@ class Accumulator:
             "rows_sampled": self.sampled,
             "rows_per_sequence": len(self._row_index) if self.sampled else None,
             "layers_seen": sorted(self.layers_seen),
+            "patterns": None if self.patterns is None else self.patterns.summary(),
         }
 
 

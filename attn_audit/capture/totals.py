@@ -49,6 +49,16 @@ class RowTotals:
         self.max_abs_score = np.full((L, H), -np.inf)
         self.nonfinite_rows = np.zeros((L, H), dtype=np.int64)
 
+    def valid_rows(self, m: RowMetrics, blk: torch.Tensor, mask: torch.Tensor, q_bad: torch.Tensor,
+                   seq_bad: torch.Tensor) -> torch.Tensor:
+        """Bool (batch, head, R): the rows :meth:`fold` counts (same rule, for other totals
+        folded beside these, e.g. :class:`attn_audit.capture.pattern_totals.PatternTotals`)."""
+        b, R = mask.shape[0], len(blk)
+        n = m.n_keys.view(b, self.H, R)
+        ok_q = mask[:, blk][:, None, :] & ~q_bad[:, :, blk] & ~seq_bad[:, :, None]
+        finite = torch.isfinite(m.max_abs_score.view(b, self.H, R)) & torch.isfinite(m.entropy.view(b, self.H, R))
+        return mask[:, blk][:, None, :] & (n >= max(self.min_keys, 1)) & ok_q & finite
+
     def fold(self, layer: int, m: RowMetrics, blk: torch.Tensor, mask: torch.Tensor, q_bad: torch.Tensor,
              seq_bad: torch.Tensor, seq_start: int) -> torch.Tensor:  # fmt: skip
         """Add the row metrics ``m`` (fields (batch·head, R, ...)) of query rows ``blk`` (R,) of

@@ -5,6 +5,8 @@ Registry :data:`EXPORTERS` (``--export NAME``, repeatable or comma-separated):
 - ``minference``: ``<out>/minference.json``, per-layer dicts of per-global-query-head
   ``[pattern, vertical_size, slash_size, score]`` for MInference and the vLLM/SGLang dual-chunk
   backends (:mod:`attn_audit.export.minference`);
+- ``flex``: ``<out>/flex_plan.json``, each head's kernel pattern and budgets for
+  :func:`attn_audit.apply_plan` (:mod:`attn_audit.export.flex`);
 - ``duo``: ``<out>/duo/full_attention_heads.tsv`` (layers x KV heads, higher = keep full attention)
   and ``<out>/duo/config.json`` with ``sink_size`` / ``recent_size`` (:mod:`attn_audit.export.duo`).
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from attn_audit.errors import ConfigError
-from attn_audit.export import duo, minference
+from attn_audit.export import duo, flex, minference
 from attn_audit.export.base import ExportError, ModelShape, validate_against_model
 from attn_audit.export.duo import export_duo, read_duo
 from attn_audit.export.minference import export_minference, read_minference
@@ -68,6 +70,13 @@ EXPORTERS: dict[str, Exporter] = {
         (duo.TSV, duo.CONFIG),
         duo.render,
         lambda out, info: read_duo(out / "duo", info),
+    ),
+    "flex": Exporter(
+        "flex",
+        "attn-audit flex_plan.json: per-head kernel patterns for attn_audit.apply_plan (FlexAttention)",
+        (flex.FILENAME,),
+        flex.render,
+        lambda out, info: flex.read_flex(out / flex.FILENAME, info),
     ),
 }
 

@@ -17,6 +17,13 @@ error), and
 ``ε`` is the plan's eps. So the default threshold 0.5 marks a KV head as retrieval exactly when
 streaming would lose more than ε of some query head's mass; the map is monotone, so a quantile
 binarisation ranks KV heads by distant mass. Heads without mass figures get 1 (keep full).
+**From measured patterns** (audits with ``heads[].patterns``): the streaming heads are the
+measured ``streaming`` pattern (sink block + window of whole blocks). ``recent_size`` is the
+window, in tokens, that the most heads whose kernel plan is ``streaming`` need
+(``window_blocks·block``; ``run.window`` rounded up to blocks when no head is streaming),
+``sink_size`` the sink block, and ``m`` is the mass that pattern at that window loses (one minus
+its measured mean kept mass), so the 0.5 threshold again means "streaming loses more than ε".
+
 ``config.json`` carries ``sink_size = run.sinks`` and ``recent_size = run.window`` (the sizes the
 masses were measured with) plus an ``attn_audit`` block saying how the values were made.
 """
@@ -51,12 +58,16 @@ def export_duo(
             f"DuoAttention needs a recent window >= 1; the audit used window {window}"
         )
     records = index_heads(result.heads)
+    measured = _measured_streaming(result, records)
+    if measured is not None:
+        sinks, window, loss = measured
     rows = []
     for layer in range(shape.num_layers):
         gates = []
         for kv in range(shape.num_kv_heads):
             group = range(kv * shape.group_size, (kv + 1) * shape.group_size)
-            masses = [distant_mass(records[(layer, h)]) for h in group]
+            masses = [(loss(records[(layer, h)]) if measured is not None else distant_mass(records[(layer, h)]))
+                      for h in group]
             known = [m for m in masses if m is not None]
             if len(known) < len(masses):
                 gates.append(1.0)  # unknown distant mass: keep full attention
@@ -73,12 +84,37 @@ def export_duo(
             "seq_len": result.run.get("seq_len"),
             "value": "m/(m+eps), m = max over the KV group's query heads of the mean "
             "attention mass "
-            "outside sink_size sinks and the recent_size window; 0.5 <=> m = eps",
+            "outside sink_size sinks and the recent_size window; 0.5 <=> m = eps"
+            + (" (measured streaming pattern, whole blocks)" if measured is not None else ""),
             "layers": shape.num_layers,
             "kv_heads": shape.num_kv_heads,
         },
     }
     return "\n".join(rows) + "\n", config
+
+
+def _measured_streaming(result: AuditResult, records: Mapping[tuple[int, int], Mapping[str, Any]]) -> Any:
+    """(sink_size, recent_size, loss(record)) from the measured streaming pattern, or None."""
+    from attn_audit.rank.kernel import kept_mass_at
+
+    kernel = result.data.get("kernel_plan") or []
+    first = next(iter(records.values()), {})
+    pats = first.get("patterns") if isinstance(first, Mapping) else None
+    if not kernel or not isinstance(pats, Mapping) or "streaming" not in (pats.get("by_pattern") or {}):
+        return None
+    block = int(pats["block_size"])
+    windows = [int(e["window_blocks"]) for e in kernel if e.get("pattern") == "streaming"]
+    if windows:
+        level = max(set(windows), key=lambda w: (windows.count(w), -w))
+    else:
+        level = -(-int(result.run.get("window") or block) // block)
+    level = max(level, 1)  # DuoAttention needs a recent window
+
+    def loss(rec: Mapping[str, Any]) -> float | None:
+        kept = kept_mass_at(rec, "streaming", level)
+        return None if kept is None else max(0.0, 1.0 - float(kept))
+
+    return block, level * block, loss
 
 
 def render(result: AuditResult, model_info: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -15,6 +15,14 @@ Mapping from the plan (budget ``k`` keys per row at the target length ``N``, ``s
   estimate, which is not an exact top-k;
 - unplanned heads stay dense: ``["vertical_and_slash", N, N, 1.0]``.
 
+**From measured patterns** (audits with ``heads[].patterns``, the default): the sizes come from the
+measured kernel patterns instead (:func:`measured_entry`): a head whose kernel plan is
+``streaming`` becomes ``["stream_llm", sink_blocks·block, window_blocks·block, kept mass]``; any
+other head whose measured ``vertical-slash`` level (p90 rows at ``1 − ε``, taken to ``N``) is below
+the dense level becomes ``["vertical_and_slash", vertical_size, slash_size, kept mass]`` with the
+measured sizes (MInference's own estimate from the last 64 queries, the one the audit measured);
+the rest stay dense. The mapping above from ``k`` is used only for audits without patterns.
+
 Sizes are clamped to the runtime minimums, ``vertical ∈ [30, N]`` and ``slash ∈ [50, N]``
 (MInference clamps the same way). ``score`` is the expected kept attention mass (recall); runtimes
 ignore it. Runtime knob ``minference_ratio`` multiplies both sizes.
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from attn_audit.export.base import ExportError, index_heads, validate_against_model
+from attn_audit.rank.kernel import kept_mass_at, measured_level
 from attn_audit.result import AuditResult
 
 PATTERNS = ("vertical_and_slash", "stream_llm", "block_sparse")
@@ -52,6 +61,10 @@ def export_minference(
     sinks, window = int(result.run.get("sinks") or 0), int(result.run.get("window") or 0)
     planned = {(int(p["layer"]), int(p["head"])): p for p in result.data["plan"]}
     records = index_heads(result.heads)
+    kernel = {(int(e["layer"]), int(e["head"])): e for e in result.data.get("kernel_plan") or []}
+    if kernel:
+        return [{str(h): measured_entry(records[(la, h)], kernel.get((la, h)), summary["eps_key"], n)
+                 for h in range(shape.num_heads)} for la in range(shape.num_layers)]
     layers: list[dict[str, list[Any]]] = []
     for layer in range(shape.num_layers):
         entry: dict[str, list[Any]] = {}
@@ -78,6 +91,25 @@ def export_minference(
             entry[str(head)] = ["vertical_and_slash", vertical, slash, round(1.0 - eps, 6)]
         layers.append(entry)
     return layers
+
+
+def measured_entry(rec: Mapping[str, Any], kernel: Mapping[str, Any] | None, eps_key: str,
+                   n: int) -> list[Any]:
+    """One head's ``[pattern, vertical, slash, score]`` from its measured patterns (see above)."""
+    if kernel is not None and kernel.get("pattern") == "streaming":
+        block = int(kernel["block_size"])
+        level = int(kernel["window_blocks"])
+        mass = kept_mass_at(rec, "streaming", level)
+        return ["stream_llm", _clamp(int(kernel["sink_blocks"]) * block, MIN_VERTICAL, n),
+                _clamp(level * block, MIN_SLASH, n), round(float(mass if mass is not None else 1.0), 6)]
+    vs = measured_level(rec, "vertical-slash", eps_key, n)
+    block = int((rec.get("patterns") or {}).get("block_size") or 1)
+    if vs is not None and vs[0] * block < n:
+        v, s = vs[0] * block, vs[0] * block
+        mass = kept_mass_at(rec, "vertical-slash", vs[0])
+        return ["vertical_and_slash", _clamp(v, MIN_VERTICAL, n), _clamp(s, MIN_SLASH, n),
+                round(float(mass if mass is not None else 1.0), 6)]
+    return ["vertical_and_slash", n, n, 1.0]
 
 
 def render(result: AuditResult, model_info: Mapping[str, Any] | None = None) -> dict[str, str]:

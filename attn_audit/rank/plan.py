@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from attn_audit.rank.flops import attention_flops
+from attn_audit.rank.kernel import add_kernel_plan
 from attn_audit.rank.ranking import rank_heads
 from attn_audit.rank.scoring import _Eval, _evaluate_all, _planned, _reason
 from attn_audit.rank.settings import PlanConfig, _Ctx
@@ -104,4 +105,5 @@ def rank_and_plan(result: AuditResult, config: PlanConfig | None = None) -> None
     """Run :func:`rank_heads` then :func:`build_plan` with the same configuration."""
     rank_heads(result, config)
     build_plan(result, config)
+    add_kernel_plan(result, config)
 

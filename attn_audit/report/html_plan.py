@@ -68,10 +68,31 @@ def plan_section(page: Page) -> str:
     if plan:
         inner += _plan_table(plan)
     title = "Sparse-attention plan" if plan else "Ranked heads (no plan ran)"
+    inner += _kernel_block(result)
     if plan:
         inner += "<h3>All heads, ranked</h3>"
     inner += _ranking_table(page)
     return page.section("plan", title, inner)
+
+
+def _kernel_block(result: AuditResult) -> str:
+    """The kernel plan: its summary, the oracle-against-kernel saving plot and every head's
+    pattern, budget and why (nothing for audits without ``heads[].patterns``)."""
+    from attn_audit.report.kernel import KERNEL_HEADER, kernel_rows, savings_figure
+
+    got = kernel_rows(result, len(result.data.get("kernel_plan") or []))
+    if got is None:
+        return ""
+    title, rows = got
+    body = []
+    for r in rows:
+        cells = [td(r[0], int(r[0])), f"<td>{e(r[1])}</td>", td(r[2]), td(r[3]), td(r[4]),
+                 td(r[5]), td(r[6]), reason_td(r[7], full=True)]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    header = [(h, h in ("#", "kv", "kernel saved", "oracle saved")) for h in KERNEL_HEADER]
+    return (f"<h3>Kernel plan</h3><p>{e(title)}.</p>"
+            + f'<figure class="plot">{savings_figure(result, "kernel-savings")}</figure>'
+            + table("kernel-table", header, body, f"{len(rows)} heads; click a column to sort."))
 
 
 def _plan_table(plan: list[dict[str, Any]]) -> str:

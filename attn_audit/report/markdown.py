@@ -91,6 +91,19 @@ def _model_line(result: AuditResult) -> str:
     )
 
 
+def _kernel_lines(result: AuditResult, top: int) -> list[str]:
+    """The kernel plan table (pattern, budget, kernel vs oracle saving); none without patterns."""
+    from attn_audit.report.kernel import KERNEL_HEADER, kernel_rows
+
+    got = kernel_rows(result, top)
+    if got is None:
+        return []
+    title, rows = got
+    rows = [[*r[:3], md_code(r[3], cell=True), md_code(r[4], cell=True), r[5], r[6],
+             md_code(short_reason(r[7]), cell=True)] for r in rows]
+    return [f"#### {title}", "", *_table(KERNEL_HEADER, rows, "rlrllrrl"), ""]
+
+
 def _plan_rows(result: AuditResult, top: int) -> tuple[str, list[str]]:
     plan = result.data.get("plan") or []
     if plan:
@@ -210,7 +223,9 @@ class MarkdownRenderer:
             "",
         ]
         title, table = _plan_rows(result, top)
-        lines += [title, "", *table, "", *_checks(result), ""]
+        lines += [title, "", *table, ""]
+        lines += _kernel_lines(result, top)
+        lines += [*_checks(result), ""]
         theory = theory_lines(result)
         if theory:
             lines += ["#### Theory check", "", *[f"- {t}" for t in theory], ""]

@@ -192,6 +192,21 @@ def _ranked_table(result: AuditResult, top: int) -> Table:
     return table
 
 
+def _kernel_table(result: AuditResult, top: int) -> Table | None:
+    """The kernel plan's top heads: pattern and budget instead of a truncated reason."""
+    from attn_audit.report.kernel import KERNEL_HEADER, kernel_rows
+
+    got = kernel_rows(result, top)
+    if got is None:
+        return None
+    title, rows = got
+    just: list[JustifyMethod] = ["right", "left", "right", "left", "left", "right", "right", "left"]
+    table = _new_table(title, list(zip(KERNEL_HEADER, just)))
+    for row in rows:
+        table.add_row(*_cells(*row[:-1], short_reason(row[-1], 60)))
+    return table
+
+
 def _kfrac_cell(rec: dict[str, Any] | None, eps: str, wide: bool) -> tuple[str, str]:
     """(cell text, style) for one head in the k_eps/n map."""
     frac = num(sparsity_at(rec, eps).get("kfrac_mean")) if rec else None
@@ -300,6 +315,9 @@ def render_to_console(result: AuditResult, console: Console, top: int = DEFAULT_
         Text(""),
         _maps(result, console.width),
     ]
+    kernel = _kernel_table(result, top)
+    if kernel is not None:
+        parts[3:3] = [Text(""), kernel]
     failed = _failed(result)
     if failed is not None:
         parts += [Text(""), failed]

@@ -147,11 +147,11 @@ def test_export_reads_the_plan_and_never_plans(tmp_path: Path) -> None:
 # -- names ---------------------------------------------------------------------------------
 def test_export_names_repeatable_and_comma_separated() -> None:
     assert parse_export_names(["minference,duo", "duo", " MInference "]) == ["minference", "duo"]
-    assert set(EXPORTERS) == {"minference", "duo"}
+    assert list(EXPORTERS) == ["minference", "duo", "flex"]
 
 
 def test_unknown_export_lists_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown export 'xattn' \(known: minference, duo\)"):
+    with pytest.raises(ConfigError, match=r"unknown export 'xattn' \(known: minference, duo, flex\)"):
         write_exports(_gqa(), ["minference,xattn"], tmp_path)
     assert not any(tmp_path.iterdir())
 
