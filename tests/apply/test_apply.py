@@ -25,7 +25,7 @@ from attn_audit.rows.patterns import (
 )
 from tests.conftest import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _plan(model, layers: list[dict], block: int = 16) -> dict:
