@@ -62,11 +62,14 @@ def test_work_line_states_tokens_heads_sites_rows_and_estimate() -> None:
     info = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3}
     sites = work_sites(info, projections=True)
     assert sum(sites.values()) == 990  # SmolLM2: the 990 assessments of issue 18
-    line = work_line(8192, 270, sites, exact=False, forward_s_per_token=2e-3, statistics_s_per_site=0.01)
-    assert "8,192 tokens" in line and "270 heads" in line and "990 head-sites" in line and "sampled rows" in line
+    line = work_line(8192, 270, sites, exact=False, forward_s_per_token=2e-3, statistics_s_per_site=0.01,
+                     rows_per_sequence=256)
+    assert "8,192 tokens" in line and "270 heads" in line and "990 head-sites" in line
+    assert "sampled rows (256 per sequence)" in line
     # capture 8192 * 2 ms * 1.4 = 22.9 s, statistics 990 * 10 ms = 9.9 s
     assert "estimate ~33 s" in line and "capture ~23 s" in line and "statistics ~10 s" in line
     assert "exact rows" in work_line(10, 1, {"q": 1}, True, float("nan"), 0.0)
+    assert "all rows" in work_line(10, 1, {"q": 1}, False, 1e-3, 0.0)
 
 
 def test_api_records_stage_times_and_announces_before_capture(minilm) -> None:
@@ -77,7 +80,7 @@ def test_api_records_stage_times_and_announces_before_capture(minilm) -> None:
     kinds = [k for k, _ in progress.calls]
     assert kinds[0] == "note" and kinds.count("note") == 1 and "start" in kinds
     text = str(progress.calls[0][1])
-    assert "144 tokens" in text and "72 heads" in text and "head-sites" in text and "rows" in text
+    assert "144 tokens" in text and "72 heads" in text and "216 head-sites" in text and "all rows" in text
     assert "estimate ~" in text
     run = result.run
     _adds_up(run)
