@@ -59,7 +59,7 @@ def audit(
     from attn_audit.capture import capture_length, distributed, run_parts
     from attn_audit.capture.loop import FALLBACK, probe_sites
     from attn_audit.load import check_family, model_info
-    from attn_audit.provenance import run_block
+    from attn_audit.provenance import StageClock, announce_work, run_block
     from attn_audit.rank import PlanConfig, rank_and_plan
 
     config = config or AuditConfig()
@@ -84,6 +84,8 @@ def audit(
 
     # capture: one pass over each length's sequences (no checkpoint after the last batch of the
     # last length: the audit is written next)
+    if distributed.world()[1] == 0:
+        announce_work(progress, model, info, config, all_data)
     summaries = {
         td.seq_len: capture_length(model, info, td, config, pad, progress, checkpoint, last=i == len(all_data) - 1)
         for i, td in enumerate(all_data)
@@ -96,9 +98,12 @@ def audit(
     data = {"schema_version": SCHEMA_VERSION, "tool": {"name": "attn-audit", "version": __version__},
             "model": info, "run": run}
     weights = _projection_weights(model, info, run)
+    stages = StageClock(t0)
+    stages.lap("capture")  # data, capture and the run block
     t1 = time.perf_counter()
-    result = assemble(data, summaries, config, weights=weights)
+    result = assemble(data, summaries, config, weights=weights, clock=stages)
     rank_and_plan(result, PlanConfig(target_len=config.target_len))
+    stages.lap("rank")
     result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
 
     # verify: the plan inside the model on held-out sequences
@@ -109,6 +114,8 @@ def audit(
         from attn_audit.verify import verify_plan
 
         verify_plan(model, result, all_data[-1].held_out, config, pad)
+    stages.lap("verify")
+    stages.record(result.run)
     return result
 
 
@@ -207,6 +214,7 @@ def run_audit(
     size, rank = distributed.init_from_env(device)
     if size > 1 and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{rank % max(1, __import__('torch').cuda.device_count())}"
+    t0 = time.perf_counter()
     loaded = load_model(
         model_name,
         revision=revision,
@@ -216,7 +224,8 @@ def run_audit(
         allow_pickle=allow_pickle,
         device_map=device_map,
     )
-    return audit(
+    load_s = time.perf_counter() - t0
+    result = audit(
         loaded.model,
         loaded.tokenizer,
         dataset or DataSpec(),
@@ -225,3 +234,8 @@ def run_audit(
         info=loaded.info,
         checkpoint=checkpoint,
     )
+    if result is not None:
+        from attn_audit.provenance import add_stage_time
+
+        add_stage_time(result.run, "load", load_s)
+    return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 # numpy's BLAS threads fight torch's for the same cores; the small matrices of the statistics
 # run faster single-threaded (eigh of 64x64: 11 ms -> <1 ms under load).
@@ -342,10 +343,17 @@ def _finish(ns: argparse.Namespace, result: Any, formats: list[str], checks: lis
     written: list[Path] = []
     if exports:
         written.extend(write_exports(result, exports, out))
+    # the reports first, audit.json last: its run block then holds the render time of the others
+    t0 = time.perf_counter()
+    texts = {fmt: get_renderer(fmt).render(result) for fmt in formats if fmt not in ("terminal", "json")}
+    if not ns.load:
+        from attn_audit.provenance import add_stage_time
+
+        add_stage_time(result.run, "render", time.perf_counter() - t0)
     for fmt in formats:
         if fmt == "terminal":
             continue
-        text = get_renderer(fmt).render(result)
+        text = texts[fmt] if fmt in texts else get_renderer(fmt).render(result)
         written.append(atomic_write_text(out / file_name(fmt), text))
     if "terminal" in formats:
         sys.stdout.write(get_renderer("terminal").render(result, no_color=ns.no_color))

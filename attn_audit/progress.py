@@ -8,7 +8,12 @@ from typing import Any, Protocol
 
 
 class Progress(Protocol):
-    """Observer for long runs; the CLI attaches a rich progress bar, the API default is silent."""
+    """Observer for long runs; the CLI attaches a rich progress bar, the API default is silent.
+
+    An observer may also have ``note(text)``: one line before the capture stating the work and a
+    time estimate (:func:`attn_audit.provenance.announce_work`, which calibrates only for observers
+    with ``note`` and a true ``wants_notes``, default true).
+    """
 
     def start(self, label: str, total_tokens: int) -> None: ...
     def advance(self, tokens: int) -> None: ...
@@ -16,7 +21,12 @@ class Progress(Protocol):
 
 
 class NullProgress:
-    """Progress that reports nothing."""
+    """Progress that reports nothing (and asks for no estimate, so no calibration runs)."""
+
+    wants_notes = False
+
+    def note(self, text: str) -> None:
+        pass
 
     def start(self, label: str, total_tokens: int) -> None:
         pass
@@ -28,8 +38,6 @@ class NullProgress:
         pass
 
 
-
-
 class RichProgress:
     """One bar per length: "seq-len 512  ━━━━━  12.3k/16k tok  2.1k tok/s  0:00:04"."""
 
@@ -38,6 +46,16 @@ class RichProgress:
         self.no_color = no_color
         self._progress: Any = None
         self._task: Any = None
+
+    @property
+    def wants_notes(self) -> bool:
+        return self.enabled
+
+    def note(self, text: str) -> None:
+        """Print ``text`` (the work and its estimate) on its own line on stderr."""
+        if self.enabled:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
     def start(self, label: str, total_tokens: int) -> None:
         if not self.enabled:

@@ -4,6 +4,7 @@ dataset, timing) and the library versions it ran with."""
 from __future__ import annotations
 
 import platform
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -88,3 +89,122 @@ def run_block(config: AuditConfig, info: dict[str, Any], model: Any, summaries: 
         "nonfinite_rows": int(sum(s["nonfinite_rows"].sum() for s in summaries.values())),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# --------------------------------------------------------------------------- stage times
+
+STAGES: tuple[str, ...] = ("load", "capture", "statistics", "theory", "rank", "verify", "render")
+
+
+class StageClock:
+    """Wall time per stage of one audit, as contiguous laps (so the stages add up to the total).
+
+    ``lap(stage)`` charges the time since the previous lap (or ``start``) to ``stage``;
+    ``record(run)`` writes ``run["stage_s"]`` (every stage of :data:`STAGES`, 0 for those that
+    did not run in this call) and ``run["total_s"]``.
+    """
+
+    def __init__(self, start: float) -> None:
+        self.start = self.last = start
+        self.stage_s = dict.fromkeys(STAGES, 0.0)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stage_s[stage] += now - self.last
+        self.last = now
+
+    def record(self, run: dict[str, Any]) -> None:
+        run["stage_s"] = {k: round(v, 3) for k, v in self.stage_s.items()}
+        run["total_s"] = round(self.last - self.start, 3)
+
+
+def add_stage_time(run: dict[str, Any], stage: str, seconds: float) -> None:
+    """Charge ``seconds`` spent outside :func:`attn_audit.api.audit` (loading the model, rendering
+    the reports) to ``stage`` and to the total of a recorded ``run`` block."""
+    stage_s = run.setdefault("stage_s", dict.fromkeys(STAGES, 0.0))
+    stage_s[stage] = round(stage_s.get(stage, 0.0) + seconds, 3)
+    run["total_s"] = round(run.get("total_s", 0.0) + seconds, 3)
+
+
+# --------------------------------------------------------------------------- the work, announced
+
+# Capture time over the plain forward of the same tokens, measured by benchmarks/bench_audit.py on
+# SmolLM2 (2-core CPU): exact rows ~1.7-2.9, the default sampled rows ~1.3-1.5.
+CAPTURE_FACTOR = {"exact": 2.5, "sampled": 1.4}
+
+
+def work_sites(info: dict[str, Any], projections: bool) -> dict[str, int]:
+    """Head-sites the statistics assess: Q per query head, K per KV head (and their pre-RoPE
+    projections where ``projections``), row logits per query head; each ``layers x heads``."""
+    L, H, Hkv = info["num_layers"], info["num_heads"], info["num_kv_heads"]
+    sites = {"q": L * H, "k": L * Hkv}
+    if projections:
+        sites.update(q_pre_rope=L * H, k_pre_rope=L * Hkv)
+    sites["row_logits"] = L * H
+    return sites
+
+
+def statistics_seconds_per_site(n: int, d: int, seed: int = 0, batch: int = 4) -> float:
+    """CPU seconds per sample of one batched Gaussianity assessment of ``batch`` seeded normal
+    (n, d) samples (calibration; the faster of two runs, the first also filling the caches of n).
+
+    CPU time, not wall time: one short call's wall time swings several-fold with other load on
+    the machine, while the statistics stage spreads its batches over the cores.
+    """
+    import numpy as np
+
+    from attn_audit.stats import assess_gaussianity_batch
+
+    x = np.random.default_rng(seed).standard_normal((batch, n, d))
+    times = []
+    for _ in range(2):
+        t0 = time.process_time()
+        assess_gaussianity_batch(x, seed=seed)
+        times.append(time.process_time() - t0)
+    return min(times) / batch
+
+
+def work_line(tokens: int, heads: int, sites: dict[str, int], exact: bool, forward_s_per_token: float,
+              statistics_s_per_site: float, rows_per_sequence: int | None = None) -> str:
+    """One line: the work (tokens, heads, head-sites, rows) and the estimated time of the audit.
+
+    ``rows_per_sequence`` names the sampled rows (None: every row is measured although not
+    ``exact``, because no sequence is longer than the sample).
+    """
+    import math
+
+    capture = forward_s_per_token * tokens * CAPTURE_FACTOR["exact" if exact else "sampled"]
+    statistics = statistics_s_per_site * sum(sites.values())
+    rows = ("exact rows" if exact else f"sampled rows ({rows_per_sequence} per sequence)"
+            if rows_per_sequence else "all rows")
+    work = (f"audit: {tokens:,} tokens, {heads:,} heads, {sum(sites.values()):,} head-sites "
+            f"({', '.join(sites)}), {rows}")
+    if not math.isfinite(capture):
+        return work
+    return (f"{work}; estimate ~{capture + statistics:,.0f} s (capture ~{capture:,.0f} s from a "
+            f"{forward_s_per_token * 1e3:.2f} ms/token forward, statistics ~{statistics:,.0f} s)")
+
+
+def announce_work(progress: Any, model: Any, info: dict[str, Any], config: AuditConfig,
+                  all_data: list[TokenData]) -> None:
+    """State the work and a time estimate through ``progress.note`` before the capture starts.
+
+    The estimate comes from a short calibration: one plain forward of a few audited tokens
+    (:func:`attn_audit.capture.calibrate.forward_seconds_per_token`) and one assessment of a normal
+    sample of the reservoir's size. Observers without ``note`` (and silent ones) skip both.
+    """
+    note = getattr(progress, "note", None)
+    if note is None or not getattr(progress, "wants_notes", True):
+        return
+    from attn_audit.capture import projection_weights
+    from attn_audit.capture.calibrate import forward_seconds_per_token
+
+    tokens = sum(sum(len(s) for s in td.sequences) for td in all_data)
+    sites = work_sites(info, bool(projection_weights(model, info["family"])))
+    per_token = forward_seconds_per_token(model, all_data[-1].sequences)
+    n = max(32, min(config.reservoir_size, tokens // max(1, len(all_data))))
+    per_site = statistics_seconds_per_site(n, info["head_dim"], config.seed)
+    m = config.measure
+    sampled = not m.exact and any(len(s) > (m.rows_per_sequence or 0) for td in all_data for s in td.sequences)
+    note(work_line(tokens, info["num_layers"] * info["num_heads"], sites, m.exact, per_token, per_site,
+                   m.rows_per_sequence if sampled else None))

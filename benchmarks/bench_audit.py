@@ -25,8 +25,15 @@ one run), a more generous baseline than the base model's, and ``floor_ratio_vs_l
 and its weights paged in (after a forward, freed heap returned to the OS). ``--flat`` also runs 8 and 64 sequences at one length and prints the
 two peak RSS figures (the result is streamed, so they should agree within 10%).
 
+Each line also gives the split by stage (``stage_statistics_s``: sparsity records and
+Gaussianity; ``stage_theory_s``; ``stage_rank_s``, from ``run.stage_s``), the number of
+Gaussianity assessments (``head_sites``) and ``statistics_ms_per_head_site``. ``--default``
+adds the default audit (16 x 512, sampled rows, default options, batch 4, the forward batched
+alike) with its ratio to the forward; ``--only-default`` runs that alone; ``--model`` another
+bundled alias (a model-size line).
+
 Usage: .venv/bin/python benchmarks/bench_audit.py [--lengths 1024,4096] [--tokens 8192]
-       [--flat 1024] [--floor] [--device cpu]
+       [--flat 1024] [--floor] [--default | --only-default] [--model ALIAS] [--device cpu]
 """
 
 from __future__ import annotations
@@ -68,8 +75,8 @@ def _softmax_floor():  # type: ignore[no-untyped-def]
     import numpy as np
     import torch
 
-    from attn_audit.rows.cpu_stages import _exp_neg
     from attn_audit.rows import RowMetrics
+    from attn_audit.rows.cpu_stages import _exp_neg
 
     @numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
     def softmax_rows(x, q_pos, per_head, causal, w, mass, n_keys):  # type: ignore[no-untyped-def]
@@ -109,22 +116,33 @@ def _softmax_floor():  # type: ignore[no-untyped-def]
     return row_metrics
 
 
+def head_sites(result) -> int:  # type: ignore[no-untyped-def]
+    """Gaussianity assessments of an audit: one per distinct (site, layer, head) sample (a K site
+    is shared by the query heads of its KV group, and assessed once)."""
+    seen = set()
+    for h in result.heads:
+        for site, block in (h.get("gaussianity") or {}).items():
+            per_query = site in ("q", "q_pre_rope", "row_logits")
+            seen.add((site, h["layer"], h["head"] if per_query else h["kv_head"]))
+    return len(seen)
+
+
 def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward: bool = False,
-        floor: bool = False) -> dict:
+        floor: bool = False, default: bool = False, model: str = "smollm2-135m-instruct") -> dict:
     import torch
 
     from attn_audit.api import audit
     from attn_audit.config import AuditConfig, MeasureSpec
-    from attn_audit.progress import NullProgress
     from attn_audit.data import DataSpec, batches, build_sequences
     from attn_audit.load import load_model
+    from attn_audit.progress import NullProgress
     from attn_audit.rows import row_metrics
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     row_metrics(torch.randn(1, 4, 8), torch.arange(4) + 4, MeasureSpec(eps=(0.1,)))  # numba JIT / cache load
     jit = time.perf_counter() - t0
-    lm = load_model("smollm2-135m-instruct", device=device)
+    lm = load_model(model, device=device)
     (td,) = build_sequences(DataSpec(), lm.tokenizer, [seq_len], sequences, 0)
     base = lm.model.base_model
 
@@ -152,8 +170,11 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
     release_freed_memory()
     rss_loaded = _rss_mb()
     _reset_peak()
-    cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size,
-                      measure=MeasureSpec(rows_per_sequence=None), device=device)
+    if default:  # the default audit: sampled rows, default options (its own batch size)
+        cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size, device=device)
+    else:
+        cfg = AuditConfig(seq_lens=(seq_len,), num_sequences=sequences, batch_size=batch_size,
+                          measure=MeasureSpec(rows_per_sequence=None), device=device)
     t0 = time.perf_counter()
     res = audit(lm.model, lm.tokenizer, DataSpec(), cfg, info=lm.info, progress=NullProgress())
     if device.startswith("cuda"):
@@ -183,7 +204,11 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
             floor_s = time.perf_counter() - t0
         finally:
             accumulate.row_metrics = real
+    stage = res.run.get("stage_s", {})
+    sites = head_sites(res)
     return {
+        "model": model,
+        "rows": "sampled" if default else "exact",
         "seq_len": seq_len,
         "sequences": sequences,
         "forward_s": round(fwd, 3),
@@ -196,6 +221,10 @@ def one(seq_len: int, sequences: int, device: str, batch_size: int, skip_forward
         "capture_s": res.run["elapsed_s"],
         "statistics_s": res.run["statistics_s"],
         "capture_ratio": round(res.run["elapsed_s"] / fwd, 3) if fwd == fwd else None,
+        # the split by stage (run.stage_s) and the Gaussianity cost per assessed head-site
+        **{("stage_" + k + "_s"): v for k, v in stage.items() if k in ("statistics", "theory", "rank")},
+        "head_sites": sites,
+        "statistics_ms_per_head_site": round(1e3 * stage.get("statistics", float("nan")) / max(sites, 1), 2),
         "rss_loaded_mb": round(rss_loaded, 1),
         "peak_rss_mb": round(peak, 1),
         "added_rss_mb": round(peak - rss_loaded, 1),
@@ -217,19 +246,30 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--flat", type=int, default=0, help="also compare peak RSS of 8 vs 64 sequences at this length")
     ap.add_argument("--floor", action="store_true", help="also measure the softmax-only lower bound")
+    ap.add_argument("--default", action="store_true",
+                    help="also run the default audit (16 x 512, sampled rows, default options, batch 4)")
+    ap.add_argument("--only-default", action="store_true", help="run the default audit only")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="bundled alias (a model-size line)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        seq_len, sequences, skip = (int(x) for x in args.child.split(":"))
-        print(json.dumps(one(seq_len, sequences, args.device, args.batch_size, bool(skip), args.floor)))
+        seq_len, sequences, skip, default, batch = (int(x) for x in args.child.split(":"))
+        print(json.dumps(one(seq_len, sequences, args.device, batch, bool(skip), args.floor and not default,
+                             bool(default), args.model)))
         return
-    runs = [(int(n), max(1, args.tokens // int(n)), 0) for n in args.lengths.split(",") if n]
+    runs = [] if args.only_default else [
+        (int(n), max(1, args.tokens // int(n)), 0, 0, args.batch_size) for n in args.lengths.split(",") if n]
+    if args.default or args.only_default:
+        from attn_audit.config import AuditConfig
+
+        d = AuditConfig()
+        runs.append((d.seq_len, d.num_sequences, 0, 1, d.batch_size))
     if args.flat:
-        runs += [(args.flat, 8, 1), (args.flat, 64, 1)]
-    for seq_len, sequences, skip in runs:
+        runs += [(args.flat, 8, 1, 0, args.batch_size), (args.flat, 64, 1, 0, args.batch_size)]
+    for seq_len, sequences, skip, default, batch in runs:
         # a fresh process per measurement, so peak RSS is that run's own
-        out = subprocess.run([sys.executable, __file__, "--child", f"{seq_len}:{sequences}:{skip}",
-                              "--device", args.device, "--batch-size", str(args.batch_size)]
+        out = subprocess.run([sys.executable, __file__, "--child", f"{seq_len}:{sequences}:{skip}:{default}:{batch}",
+                              "--device", args.device, "--model", args.model]
                              + (["--floor"] if args.floor and not skip else []),
                              capture_output=True, text=True, check=True)
         rec = json.loads(out.stdout.strip().splitlines()[-1])

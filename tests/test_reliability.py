@@ -19,7 +19,7 @@ ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_VERBOSITY": "error",
 }
-VOLATILE = {"created", "elapsed_s", "tokens_per_s", "statistics_s"}
+VOLATILE = {"created", "elapsed_s", "tokens_per_s", "statistics_s", "stage_s", "total_s"}
 ARGS = [
     "all-minilm-l6-v2",
     "--seq-len",

@@ -39,8 +39,7 @@ def gaussianity_blocks(samples: list[np.ndarray], seed: int) -> list[tuple[dict[
     """
     from dataclasses import fields
 
-    from attn_audit.stats import assess_gaussianity_batch
-    from attn_audit.stats import to_plain
+    from attn_audit.stats import assess_gaussianity_batch, to_plain
 
     kept = [x if np.isfinite(x).all() else x[np.isfinite(x).all(axis=1)] if x.ndim == 2 else x[np.isfinite(x)]
             for x in samples]

@@ -24,12 +24,14 @@ from attn_audit.result import AuditResult, finite_or_none
 
 
 def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config: AuditConfig,
-             weights: list[tuple[np.ndarray, np.ndarray]] | None = None) -> AuditResult:
+             weights: list[tuple[np.ndarray, np.ndarray]] | None = None, clock: Any = None) -> AuditResult:
     """Fill ``heads`` and ``theory_summary`` of ``data`` from per-length summaries.
 
     Args:
         weights: per layer (W_Q, W_K) as (out, in) numpy arrays, for the weight-based R variants
             (RoPE families with separate projections); None leaves them out.
+        clock: a :class:`attn_audit.provenance.StageClock`; the sparsity records and the
+            Gaussianity are charged to "statistics", the theory blocks to "theory".
     """
     info = data["model"]
     L, H, Hkv = info["num_layers"], info["num_heads"], info["num_kv_heads"]
@@ -80,6 +82,8 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
     add_patterns(heads, s, eps_keys, primary, bool(info.get("causal", True)), config.measure.sinks,
                  int(info.get("head_dim") or 0))
     add_gaussianity(heads, s, config, group)
+    if clock is not None:
+        clock.lap("statistics")
     add_theory(heads, s, config, group)
     if weights is not None:
         add_weight_bounds(heads, s, weights, info)
@@ -87,4 +91,6 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
         add_scaling(heads, summaries, config)
     data["theory_summary"] = theory_summary(heads, config)
     data["ranking"] = []  # filled by attn_audit.rank; keeps the key's place in audit.json
+    if clock is not None:
+        clock.lap("theory")
     return AuditResult(data=data)

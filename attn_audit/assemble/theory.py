@@ -73,7 +73,7 @@ def _k_grid(n_grid: np.ndarray, sigma: np.ndarray, eps: tuple[float, ...],
 
     eps_arr = np.array(eps)
     return np.asarray(k_pred_finite_n(n_grid[:, None], sigma[:, None], eps_arr[None, :], rng=rng,
-                                      sigma_step=0.02), dtype=float)
+                                      sigma_step=0.02, persist=True), dtype=float)
 
 
 def _predictions(n: np.ndarray, n_grid: np.ndarray, sigma: np.ndarray, m_b: np.ndarray, k_grid_e: np.ndarray,

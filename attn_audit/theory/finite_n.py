@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from attn_audit.theory import kappa_store
 from attn_audit.theory.simulation import _k_eps_columns, _stratified_rows_t
 
 FloatArray = NDArray[np.float64]
@@ -165,6 +166,7 @@ def _kappa_lookup(
     draws: int,
     seed: int,
     step: float,
+    persist: bool = False,
 ) -> tuple[FloatArray, FloatArray]:
     """Cell medians k / n at sigma codes ``codes`` and ``codes + 1``, computing missing ones.
 
@@ -172,19 +174,25 @@ def _kappa_lookup(
         cells: n grid cell of each query, shape ``(q,)``.
         eps: tail-mass budget of each query in (0, 1), shape ``(q,)``.
         codes: lower sigma grid index of each query (>= 0), shape ``(q,)``.
+        persist: also keep the cells on disk across runs (:mod:`attn_audit.theory.kappa_store`).
 
     Returns:
         ``(kappa at codes, kappa at codes + 1)``, each shape ``(q,)``.
     """
     if len(_KAPPA_CACHE) > _KAPPA_CACHE_MAX_CELLS:
         _KAPPA_CACHE.clear()
+    if persist:
+        kappa_store.load_into(_KAPPA_CACHE, draws, seed, step)
     cell_u, cell_i = _unique_inverse(cells)
     eps_u, eps_i = np.unique(eps, return_inverse=True)
     u_group, u_code, inv = _distinct_lookups(cell_i, eps_i, eps_u.size, codes)
     bounds = np.flatnonzero(np.diff(u_group)) + 1  # u_group is sorted: groups are runs
     runs = list(zip(np.r_[0, bounds], np.r_[bounds, u_code.size], strict=True))
     groups = _Groups(cell_u, eps_u, draws, seed, step)
-    _simulate_missing(groups, _missing_codes(groups, u_group, u_code, runs))
+    missing = _missing_codes(groups, u_group, u_code, runs)
+    _simulate_missing(groups, missing)
+    if persist and missing:
+        kappa_store.save_from(_KAPPA_CACHE, draws, seed, step)
     out = _cached_values(groups, u_group, u_code, runs)[inv]
     q = inv.size // 2
     return out[:q], out[q:]
@@ -246,6 +254,7 @@ def _interpolated_k(
     seed: int,
     sigma_step: float,
     n_per_octave: int | None,
+    persist: bool = False,
 ) -> FloatArray:
     """Predicted k of valid rows with 0 < eps < 1, from the cached (n, sigma) grid cells.
 
@@ -255,7 +264,7 @@ def _interpolated_k(
         nn: keys per row (>= 1), shape ``(r,)``.
         ss: |sigma| per row, shape ``(r,)``.
         ee: eps per row in (0, 1), shape ``(r,)``.
-        draws, seed, sigma_step, n_per_octave: as in :func:`k_pred_finite_n`.
+        draws, seed, sigma_step, n_per_octave, persist: as in :func:`k_pred_finite_n`.
 
     Returns:
         Shape ``(r,)``.
@@ -271,6 +280,7 @@ def _interpolated_k(
         draws,
         seed,
         sigma_step,
+        persist,
     )
     log_kappa = np.zeros(nn.size)
     for half, weight in ((slice(0, nn.size), 1.0 - w_n), (slice(nn.size, None), w_n)):
@@ -287,6 +297,7 @@ def k_pred_finite_n(
     rng: np.random.Generator | int | None = None,
     sigma_step: float = 0.02,
     n_per_octave: int | None = 16,
+    persist: bool = False,
 ) -> FloatArray:
     """Finite-n Monte Carlo prediction of k_eps (§5.3): median over ``draws`` simulated rows.
 
@@ -315,6 +326,9 @@ def k_pred_finite_n(
         rng: seed, or a generator from which one seed is drawn (default: seed 0).
         sigma_step: sigma grid spacing.
         n_per_octave: n grid density; None computes at every distinct n exactly.
+        persist: keep the grid cells on disk under the user cache as well, so that later runs
+            (same draws, seed and step) reuse them (:mod:`attn_audit.theory.kappa_store`); the
+            values are the same either way.
 
     Returns:
         Predicted k (real-valued), broadcast shape; NaN where n < 1 or sigma/eps are not
@@ -329,5 +343,5 @@ def k_pred_finite_n(
     out, todo = _closed_form(n_b, s_b, e_b)
     if todo.any():
         rows = n_b[todo], s_b[todo], e_b[todo]
-        out[todo] = _interpolated_k(*rows, draws, seed, sigma_step, n_per_octave)
+        out[todo] = _interpolated_k(*rows, draws, seed, sigma_step, n_per_octave, persist)
     return out

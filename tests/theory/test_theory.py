@@ -364,3 +364,30 @@ def test_theory_block_spearman_equals_scipy_spearmanr(monkeypatch: pytest.Monkey
         want = float(sps.spearmanr(f[:, 5], k_fin).statistic)
         assert theory_block(f, names, spec, seed=3)["spearman"]["0.05"] == want
         assert block["spearman"]["0.05"] == want
+
+
+def test_finite_n_cells_persist_on_disk_with_the_same_values(tmp_path, monkeypatch) -> None:
+    """A second process (here: cleared caches) reads the cells back instead of simulating them."""
+    from attn_audit.theory import finite_n, kappa_store
+    from attn_audit.theory import simulation as simulated_rows
+
+    monkeypatch.setenv("ATTN_AUDIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("ATTN_AUDIT_NO_DISK_CACHE", raising=False)
+    monkeypatch.setattr(kappa_store, "_LOADED", set())
+    rng = np.random.default_rng(8)
+    n = rng.choice([5, 64, 300, 1024], size=80).astype(float)
+    sigma, eps = rng.uniform(0, 4, size=80), rng.choice([0.01, 0.1], size=80)
+    finite_n._KAPPA_CACHE.clear()
+    first = k_pred_finite_n(n, sigma, eps, draws=21, rng=4, persist=True)
+    assert list(tmp_path.glob("finite_n/*/kappa-d21-s4-*.npz"))
+    finite_n._KAPPA_CACHE.clear()
+    simulated_rows._ROWS_CACHE.clear()
+    monkeypatch.setattr(kappa_store, "_LOADED", set())
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("a stored cell was simulated again")
+
+    monkeypatch.setattr(finite_n, "_cell_kappa", no_simulation)
+    again = k_pred_finite_n(n, sigma, eps, draws=21, rng=4, persist=True)
+    np.testing.assert_array_equal(again, first)
+    finite_n._KAPPA_CACHE.clear()
