@@ -248,3 +248,27 @@ def test_patterns_on_gemma3_local_and_global_layers() -> None:
         _compare(_accumulate(call, pad, spec, True), want)
         if layer == 0:  # a 16-key window: streaming with 2 blocks covers every row
             assert want["need_hist"]["streaming"][:, :, 3:].sum() == 0
+
+
+def test_patterns_on_bundled_gemma3_local_and_global_layers(gemma3) -> None:
+    """The real Gemma 3 270M (QK-norm, MQA 4/1, head_dim 256) past its 512-token window: a local
+    layer (sliding-window mask as the model builds it) and a global layer equal the brute force."""
+    model, tok = gemma3.model, gemma3.tokenizer
+    text = "A lighthouse keeper wrote down every ship that passed, its flag and the hour. " * 60
+    ids = tok(text, return_tensors="pt").input_ids[:, :576]
+    assert ids.shape[1] == 576
+    calls: dict[int, AttentionCall] = {}
+
+    def record(call: AttentionCall) -> None:
+        if call.layer in (0, 5):
+            calls[call.layer] = call
+
+    with torch.no_grad(), capturing(model, record):
+        model(ids)
+    assert calls[0].sliding_window == 512 and calls[5].sliding_window is None
+    spec = MeasureSpec(rows_per_sequence=None, block_size=96, min_keys=16, eps=(0.05,))
+    pad = torch.ones(1, ids.shape[1], dtype=torch.bool)
+    for call in calls.values():
+        call.layer = 0
+        want = brute_force(call, pad, spec)
+        _compare(_accumulate(call, pad, spec, True), want)
