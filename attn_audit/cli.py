@@ -255,6 +255,8 @@ def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
         result = AuditResult.load(ns.load)
         try:
             return _finish_loaded(ns, result, formats, checks, exports, out)
+        except AttnAuditError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as exc:
             # the schema checks every field the renderers read; this is the net under it
             from attn_audit.errors import ResultFileError
