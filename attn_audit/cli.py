@@ -286,6 +286,8 @@ def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
         try:
             result = load_audit(ns.load, target_len=ns.target_len or None)
             return _finish(ns, result, formats, checks, exports, out)
+        except AttnAuditError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as exc:
             # the schema checks every field the renderers read; this is the net under it
             from attn_audit.errors import ResultFileError

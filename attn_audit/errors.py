@@ -29,8 +29,9 @@ class AttnAuditError(Exception):
     exit_code: ExitCode = ExitCode.CANNOT_RUN
 
 
-class ConfigError(AttnAuditError):
-    """A bad option value or combination (detected before any model is loaded)."""
+class ConfigError(AttnAuditError, ValueError):
+    """A bad option value or combination (detected before any model is loaded); also a
+    ``ValueError``, so API callers that catch bad values the usual way catch it too."""
 
     exit_code = ExitCode.USAGE
 

@@ -56,6 +56,7 @@ def check_out_dir(out: Path, planned: Iterable[str], *, force: bool, resume: boo
         raise OutputError(f"--out {out} is not writable; choose another directory")
     ckpt = out / CHECKPOINT_DIR
     has_ckpt = _exists(ckpt)
+    committed = (ckpt / "manifest.json").is_file()  # an interrupted run of attn-audit to continue
     if has_ckpt and not ckpt.is_dir():
         raise OutputError(f"{ckpt} is not a directory; remove it or choose another --out")
     if has_ckpt and not (resume or force):
@@ -73,7 +74,7 @@ def check_out_dir(out: Path, planned: Iterable[str], *, force: bool, resume: boo
             continue
         if path.is_dir() and not path.is_symlink():
             raise OutputError(f"{path} is a directory but the run writes a file there; choose another --out")
-        if not (force or (resume and has_ckpt)):
+        if not (force or (resume and committed)):
             raise OutputError(f"--out {out} already holds {rel}; pass --force to overwrite it")
 
 

@@ -113,3 +113,18 @@ def test_no_dead_error_class():
     for name, cls in inspect.getmembers(errors, inspect.isclass):
         if issubclass(cls, AttnAuditError) and cls is not AttnAuditError:
             assert re.search(rf"raise {name}\(", source) or re.search(rf"error=?\s*{name}\b|, {name}\)", source), name
+
+
+def test_spec_validation_uses_the_project_error_types():
+    """Specs built in Python (not only from the CLI) raise ConfigError, also a ValueError."""
+    from attn_audit.config import AuditConfig, MeasureSpec
+    from attn_audit.errors import ConfigError
+    from attn_audit.rank import PlanConfig
+    from attn_audit.stats.rules import GaussianityThresholds
+
+    for make in (lambda: MeasureSpec(eps=(0.0,)), lambda: MeasureSpec(budgets=(True,)),
+                 lambda: AuditConfig(seed=-1), lambda: GaussianityThresholds(kurt_abs=-1.0),
+                 lambda: PlanConfig(max_kfrac=2.0)):
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert isinstance(info.value, ValueError) and info.value.exit_code == ExitCode.USAGE

@@ -123,7 +123,7 @@ def _paths(value, prefix=()):
 ALL_PATHS = [p for p in _paths(BASE) if p]
 
 
-@FUZZ
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.sampled_from(ALL_PATHS), JSON | st.just("__delete__")), min_size=1, max_size=3),
        st.sampled_from(["terminal", "terminal,md", "md,json,html"]), st.booleans())
 def test_fuzz_load_json(sandbox, capsys, edits, formats, export):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from attn_audit.config import MeasureSpec
+from attn_audit.errors import ConfigError
 from attn_audit.rows.reference import _exact_sorted
 from attn_audit.rows.spec import RowMetrics, _check_inputs
 
@@ -63,7 +64,7 @@ def row_metrics(
     """
     g, r, n = _check_inputs(scores, q_pos)
     if backend not in ("auto", "cpu", "torch"):
-        raise ValueError(f"backend must be auto, cpu or torch, got {backend!r}")
+        raise ConfigError(f"backend must be auto, cpu or torch, got {backend!r}")
     use_torch = backend == "torch" or (backend == "auto" and scores.device.type != "cpu")
     if causal and use_torch:
         scores = _mask_after(scores, q_pos)

@@ -61,6 +61,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import special as spc
 
+from attn_audit.errors import ConfigError
 from attn_audit.stats.henze_zirkler import PairwiseResult, pairwise_stats
 from attn_audit.stats.mardia import MardiaResult, mardia, mardia_kurtosis_z_bounds
 from attn_audit.stats.marginal import CoordinateStats
@@ -122,11 +123,11 @@ class GaussianityThresholds:
     def __post_init__(self) -> None:
         for f in fields(self):
             if not getattr(self, f.name) > 0:
-                raise ValueError(f"GaussianityThresholds.{f.name} must be > 0")
+                raise ConfigError(f"GaussianityThresholds.{f.name} must be > 0")
         if not self.null_alpha < 1 or not self.outlier_max_share < 1:
-            raise ValueError("null_alpha and outlier_max_share must be < 1")
+            raise ConfigError("null_alpha and outlier_max_share must be < 1")
         if self.min_n < 8 or self.shapiro_max_n < 8 or self.pairwise_max_n < 8:
-            raise ValueError("min_n, shapiro_max_n and pairwise_max_n must be >= 8")
+            raise ConfigError("min_n, shapiro_max_n and pairwise_max_n must be >= 8")
 
 @dataclass(frozen=True)
 class _CoordinateRules:
