@@ -106,6 +106,10 @@ class AuditConfig:
     verify: bool = False
     max_ppl_increase: float = 0.01
     verify_sequences: int = 4
+    retrieval_samples: int = 4
+    retrieval_lens: tuple[int, ...] = ()
+    check_config: str | None = None
+    measure_speed: bool = False
 
     @property
     def seq_len(self) -> int:
@@ -115,6 +119,7 @@ class AuditConfig:
     def __post_init__(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
         object.__setattr__(self, "seq_lens", tuple(int(n) for n in self.seq_lens))
+        object.__setattr__(self, "retrieval_lens", tuple(int(n) for n in self.retrieval_lens))
         if not self.seq_lens:
             raise ConfigError("--seq-len is empty; give at least one length (e.g. 512)")
         for n in self.seq_lens:
@@ -129,6 +134,10 @@ class AuditConfig:
             (0.0 < self.max_ppl_increase < 10.0, f"--max-ppl-increase {self.max_ppl_increase} must be in (0, 10)"),
             (self.target_len is None or self.target_len >= 2, f"--target-len {self.target_len} must be at least 2"),
             (self.verify_sequences >= 1, f"--verify-sequences {self.verify_sequences} must be at least 1"),
+            (self.verify or not self.measure_speed, "--measure-speed times the verified plan; add --verify"),
+            (self.retrieval_samples >= 0, f"--retrieval-samples {self.retrieval_samples} must be 0 or more"),
+            (all(n >= 64 for n in self.retrieval_lens),
+             f"--retrieval-len {','.join(map(str, self.retrieval_lens))}: each length must be at least 64 tokens"),
         ]
         for ok, msg in checks:
             if not ok:
