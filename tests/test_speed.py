@@ -52,3 +52,15 @@ def test_flex_window_attention_equals_masked_sdpa():
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=torch.stack(masks)[None])
     assert torch.allclose(fn(q, k, v), ref, atol=1e-5)
     assert torch.allclose(dense_attention(q, k, v)[:, 0], ref[:, 0], atol=1e-5)
+
+
+def test_cli_refuses_measure_speed_without_verify_and_a_missing_config_before_loading(tmp_path, capsys):
+    from attn_audit.cli import main
+
+    assert main(["smollm2-135m-instruct", "--measure-speed", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("attn-audit: error: --measure-speed times the verified plan; "
+                                               "add --verify")
+    assert main(["smollm2-135m-instruct", "--check-config", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"attn-audit: error: --check-config {tmp_path / 'nope.json'}: no such file"
+    assert main(["--load", str(tmp_path / "audit.json"), "--check-config", "x.json"]) == 2
+    assert "cannot be combined with --load" in capsys.readouterr().err
