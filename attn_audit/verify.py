@@ -218,7 +218,7 @@ def plan_installer(result: AuditResult, n: int) -> tuple[Callable[[Any], Abstrac
     plan = result.data.get("plan") or []
     target = (result.data.get("plan_summary") or {}).get("target_len") or n
     budgets, _ = _plan_budgets(plan, target, n)
-    return oracle_installer(budgets, int(result.run.get("sinks", 1))), "oracle top-k simulation (an upper bound)"
+    return oracle_installer(budgets, int(result.run.get("sinks", 1))), "oracle top-k simulation, an upper bound"
 
 
 def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], config: AuditConfig, pad_id: int) -> None:
