@@ -227,3 +227,22 @@ def test_smollm2_valid_duo_config_verified_end_to_end(smollm2, tmp_path):
     assert max(float(v.max()) for v in kept_mass(smollm2.model, held, wide, 1, 0).values()) < 1e-5
     q = quality_under(pattern_installer(wide), smollm2.model, held, 1, 0, True)
     assert q["ppl_ratio"] == pytest.approx(1.0, abs=1e-3) and q["top1_agreement"] > 0.99
+
+
+def test_encoder_patterns_with_padding_keep_all_mass_when_the_window_covers_everything():
+    """Bidirectional BERT with right padding: a window wider than the sequence keeps every key (no
+    loss, the model's own hidden states); a narrow one loses mass and moves them."""
+    from attn_audit.predeploy import pattern_installer
+    from attn_audit.verify import quality_under
+
+    model = tiny_model("bert")
+    seqs = [[5 + (7 * i) % 200 for i in range(40)], [9 + (3 * i) % 200 for i in range(25)]]
+    wide = {(layer, h): Pattern("streaming", sinks=0, window=64) for layer in range(2) for h in range(4)}
+    narrow = {hk: Pattern("streaming", sinks=1, window=3) for hk in wide}
+    lost = kept_mass(model, seqs, wide, batch_size=2, pad_id=0)
+    assert all(v.shape == (65,) and float(v.max()) < 1e-5 for v in lost.values())  # 40 + 25 valid rows
+    cosine = quality_under(pattern_installer(wide), model, seqs, 2, 0, False)["hidden_cosine"]
+    assert cosine == pytest.approx(1.0, abs=1e-5)
+    assert float(kept_mass(model, seqs, narrow, 2, 0)[(0, 2)].mean()) > 0.1
+    # (a random tiny BERT's residual stream dominates its hidden states: the change is small but real)
+    assert quality_under(pattern_installer(narrow), model, seqs, 2, 0, False)["hidden_cosine"] < 1 - 2e-5
