@@ -71,6 +71,10 @@ def audit(
     if info["capture"] == FALLBACK:
         sys.stderr.write(f"note: {info['family']} computes attention outside transformers' attention interface; "
                          "auditing its eager output_attentions probabilities (no Q/K sites, slower)\n")
+    if config.check_config:  # a config that does not fit the model is refused before any work
+        from attn_audit.predeploy import read_config
+
+        read_config(config.check_config, info)
     t0 = time.perf_counter()
 
     # data: deterministic, non-overlapping sequences per length (+ held-out ones for verify)
@@ -114,9 +118,76 @@ def audit(
         from attn_audit.verify import verify_plan
 
         verify_plan(model, result, all_data[-1].held_out, config, pad)
+        _retrieval(model, tokenizer, result, all_data, config, info)
+        if config.measure_speed:
+            _speed(result, config, info)
+
+    # someone else's pattern config: measured on the held-out sequences and verified like a plan
+    if config.check_config:
+        from attn_audit.predeploy import check_config
+
+        result.data["check_config"] = check_config(
+            model, tokenizer, info, config.check_config, all_data[-1].held_out, _filler(all_data),
+            eps=float(result.data.get("plan_summary", {}).get("eps_key") or result.primary_eps_key),
+            batch_size=config.batch_size, pad_id=pad, retrieval_samples=config.retrieval_samples,
+            retrieval_lens=_retrieval_lens(result, config, info), seed=config.seed)
     stages.lap("verify")
     stages.record(result.run)
     return result
+
+
+def _speed(result: AuditResult, config: AuditConfig, info: dict[str, Any]) -> None:
+    """``verify.speed``: the plan's attention timed against the dense kernel per layer."""
+    from attn_audit.predeploy import attention_speed, flex_window_attention
+
+    summary = result.data.get("plan_summary") or {}
+    n = int(summary.get("target_len") or config.seq_len)
+    device = _resolve_device(config.device)
+    factory = flex_window_attention(n, int(info["num_heads"]), int(result.run.get("sinks", 1)), device=device)
+    result.data["verify"]["speed"] = attention_speed(
+        info, result.data.get("plan") or [], n, factory, device=device,
+        planned_flops_saving=summary.get("planned_flops_saving"),
+        label="compiled FlexAttention, each planned head on sinks + a window of its k (a stand-in pattern)")
+
+
+def _filler(all_data: list[TokenData]) -> list[int]:
+    """The dataset's own tokens (held-out first, then audited) to hide passkeys in."""
+    return [t for td in all_data for seq in (*td.held_out, *td.sequences) for t in seq]
+
+
+def _retrieval_lens(result: AuditResult, config: AuditConfig, info: dict[str, Any]) -> tuple[int, ...]:
+    """``--retrieval-len``, else the plan's target length (at most the model's positions)."""
+    target = int((result.data.get("plan_summary") or {}).get("target_len") or config.seq_len)
+    return config.retrieval_lens or (min(target, info["max_positions"] or target),)
+
+
+def _retrieval(model: Any, tokenizer: Any, result: AuditResult, all_data: list[TokenData], config: AuditConfig,
+               info: dict[str, Any]) -> None:
+    """``verify.retrieval``: passkey accuracy, dense and with the plan installed (causal LMs only)."""
+    verify = result.data.get("verify")
+    if not isinstance(verify, dict) or config.retrieval_samples == 0:
+        return
+    if not info["causal"]:
+        verify["retrieval"] = {"skipped_reason": "an encoder does not generate, so there is no passkey to ask for"}
+        return
+    if all_data[-1].kind != "text":
+        verify["retrieval"] = {"skipped_reason": "pre-tokenized data: no text stream to hide a passkey in"}
+        return
+    from attn_audit.predeploy import retrieval_check
+    from attn_audit.verify import plan_installer
+
+    lengths = _retrieval_lens(result, config, info)
+    filler = _filler(all_data)
+    label = plan_installer(result, lengths[0])[1]
+    try:
+        verify["retrieval"] = retrieval_check(model, tokenizer, filler, lengths, config.retrieval_samples,
+                                              lambda n: plan_installer(result, n)[0], label=label,
+                                              seed=config.seed, batch_size=config.batch_size)
+    except ValueError as exc:  # a length too short to hold the instruction, the key and the question
+        if config.retrieval_lens:
+            raise ConfigError(f"--retrieval-len: {exc}; use a longer length") from None
+        verify["retrieval"] = {"skipped_reason": f"the target length is too short for a passkey prompt ({exc}); "
+                                                 "give --retrieval-len"}
 
 
 def load_audit(path: str, *, target_len: int | None = None) -> AuditResult:
@@ -137,6 +208,10 @@ def _check_length(config: AuditConfig, info: dict[str, Any]) -> None:
             f"--seq-len {config.seq_len} exceeds the model's {info['max_positions']} positions; "
             f"use at most {info['max_positions']}"
         )
+    longest = max(config.retrieval_lens, default=0)
+    if info["max_positions"] and longest > info["max_positions"]:
+        raise ConfigError(f"--retrieval-len {longest} exceeds the model's {info['max_positions']} positions; "
+                          f"use at most {info['max_positions']}")
 
 
 def _sequences(dataset: DataSpec | str | Sequence[str] | None, tokenizer: Any, config: AuditConfig,
@@ -160,7 +235,7 @@ def _sequences(dataset: DataSpec | str | Sequence[str] | None, tokenizer: Any, c
         config.seed,
         encoder=not info["causal"],
         vocab_size=vocab,
-        held_out=config.verify_sequences if config.verify else 0,
+        held_out=config.verify_sequences if config.verify or config.check_config else 0,
         records=("text", texts) if texts is not None else None,
     )
     return all_data, spec

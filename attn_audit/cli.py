@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--verify", action="store_true", help="simulate the plan inside the model on held-out sequences")
     pl.add_argument("--max-ppl-increase", type=float, default=0.01, help="quality budget for growing the plan (default 0.01 = 1%%)")
     pl.add_argument("--verify-sequences", type=int, default=4, help="held-out sequences for --verify (default 4)")
+    pl.add_argument("--retrieval-samples", type=int, default=4,
+                    help="passkey prompts per length and depth for --verify's retrieval check (default 4; 0 = off)")
+    pl.add_argument("--retrieval-len", default="",
+                    help="lengths of the passkey prompts, comma-separated (default: the target length)")
+    pl.add_argument("--measure-speed", action="store_true",
+                    help="with --verify: time the plan's attention against the model's dense kernel per layer "
+                    "at the target length (compiles FlexAttention; slow on CPU)")
+    pl.add_argument("--check-config", metavar="FILE",
+                    help="check a third-party pattern config against the model and data: MInference JSON, "
+                    "DuoAttention full_attention_heads.tsv (config.json beside it) or flex_plan.json")
     pl.add_argument("--export", action="append", default=[], help="minference and/or duo (repeatable or comma-separated)")
     pl.add_argument("--fail-if", action="append", default=[], metavar="EXPR", help="fail (exit 1) if EXPR holds, e.g. 'planned_flops_saving < 0.3' (repeatable)")
     pl.add_argument("--policy", metavar="TOML", help="named checks from a TOML file ([[check]] name=..., fail_if=...)")
@@ -154,6 +164,10 @@ def _config(ns: argparse.Namespace) -> Any:
         verify=ns.verify,
         max_ppl_increase=ns.max_ppl_increase,
         verify_sequences=ns.verify_sequences,
+        retrieval_samples=ns.retrieval_samples,
+        retrieval_lens=parse_int_list(ns.retrieval_len, "--retrieval-len") if ns.retrieval_len else (),
+        check_config=ns.check_config,
+        measure_speed=ns.measure_speed,
     )
 
 
@@ -247,8 +261,12 @@ def _main(ns: argparse.Namespace, locks: list[Any]) -> int:
         checks.extend(gate.load_policy(ns.policy))
     exports = parse_export_names(ns.export)
     config = None if ns.load else _config(ns)
-    if ns.load and (ns.verify or ns.resume):
-        raise ConfigError("--verify and --resume need the model; they cannot be combined with --load")
+    if ns.load and (ns.verify or ns.resume or ns.check_config):
+        raise ConfigError("--verify, --check-config and --resume need the model; they cannot be combined with --load")
+    if ns.check_config:
+        from attn_audit.predeploy.configs import detect_format
+
+        detect_format(ns.check_config)  # a missing or unknown file fails before the model loads
     if ns.resume and ns.force:
         raise ConfigError("--resume continues a run and --force starts over; pass only one")
     check_int("--checkpoint-every", ns.checkpoint_every, 1, MAX_COUNT)

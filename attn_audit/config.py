@@ -137,6 +137,10 @@ class AuditConfig:
     verify: bool = False
     max_ppl_increase: float = 0.01
     verify_sequences: int = 4
+    retrieval_samples: int = 4
+    retrieval_lens: tuple[int, ...] = ()
+    check_config: str | None = None
+    measure_speed: bool = False
 
     @property
     def seq_len(self) -> int:
@@ -146,6 +150,7 @@ class AuditConfig:
     def __post_init__(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
         object.__setattr__(self, "seq_lens", tuple(self.seq_lens))
+        object.__setattr__(self, "retrieval_lens", tuple(self.retrieval_lens))
         if not self.seq_lens:
             raise ConfigError("--seq-len is empty; give at least one length (e.g. 512)")
         if not self.measure.eps:
@@ -167,6 +172,15 @@ class AuditConfig:
             raise ConfigError(f"--max-ppl-increase {ppl} must be a number in (0, 10)")
         if not isinstance(self.device, str):
             raise ConfigError(f"--device {self.device!r} is not one of cpu, cuda, cuda:N, auto")
+        for ok, msg in [
+            (self.verify or not self.measure_speed, "--measure-speed times the verified plan; add --verify"),
+            (isinstance(self.retrieval_samples, int) and 0 <= self.retrieval_samples <= MAX_COUNT,
+             f"--retrieval-samples {self.retrieval_samples} must be 0 or more"),
+            (all(isinstance(n, int) and 64 <= n <= MAX_LENGTH for n in self.retrieval_lens),
+             f"--retrieval-len {','.join(map(str, self.retrieval_lens))}: each length must be at least 64 tokens"),
+        ]:
+            if not ok:
+                raise ConfigError(msg)
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"--device {self.device} is not one of cpu, cuda, cuda:N, auto")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -198,6 +199,31 @@ def _head_errors(dense_app: _PlanApplier, budgets: dict[tuple[int, int], int]) -
     return heads
 
 
+def oracle_installer(budgets: dict[tuple[int, int], int], sinks: int) -> Callable[[Any], AbstractContextManager[Any]]:
+    """An installer (``install(model)`` -> a context manager) that runs each (layer, head) of
+    ``budgets`` on its exact top-k keys per row, renormalised: the oracle bound no kernel beats."""
+
+    def install(model: Any) -> AbstractContextManager[Any]:
+        app = _PlanApplier(budgets, "top-k", sinks, measure=False)
+        app.active = set(budgets)
+        return capturing(model, app)
+
+    return install
+
+
+def plan_installer(result: AuditResult, n: int) -> tuple[Callable[[Any], AbstractContextManager[Any]], str]:
+    """The one pluggable step of the pre-deployment checks: ``(install, label)`` where
+    ``install(model)`` is a context manager that runs ``result``'s plan inside the model at length ``n``.
+
+    Today: the oracle top-k simulation (:func:`oracle_installer`). A kernel implementation of the plan
+    (FlexAttention block patterns) replaces it here, e.g. ``contextlib.contextmanager`` around
+    ``apply_plan(model, result)`` / ``remove_plan(model)``."""
+    plan = result.data.get("plan") or []
+    target = (result.data.get("plan_summary") or {}).get("target_len") or n
+    budgets, _ = _plan_budgets(plan, target, n)
+    return oracle_installer(budgets, int(result.run.get("sinks", 1))), "oracle top-k simulation, an upper bound"
+
+
 def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], config: AuditConfig, pad_id: int) -> None:
     """Fill ``result.data["verify"]`` by simulating the plan on ``held_out`` sequences."""
     plan = result.data.get("plan") or []
@@ -240,3 +266,27 @@ def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], conf
         "largest_plan": probes.get(best),
         "method": "bisection over plan prefixes (greedy growth down the ranking)",
     }
+
+
+def _plain_pass(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int,
+                causal: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per batch: (logits or last hidden state, attention mask) from the model as it is installed."""
+    device = next(model.parameters()).device
+    outs, masks = [], []
+    with torch.inference_mode():
+        for _, ids, mask in batches(sequences, batch_size, pad_id):
+            res = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            outs.append((res.logits if causal and hasattr(res, "logits") else res.last_hidden_state).float().cpu())
+            masks.append(mask)
+    return outs, masks
+
+
+def quality_under(install: Callable[[Any], AbstractContextManager[Any]], model: Any, sequences: list[list[int]],
+                  batch_size: int, pad_id: int, causal: bool) -> dict[str, float]:
+    """Model-wide quality with a plan installed (``install(model)``, see :func:`plan_installer`)
+    against the model's own attention on ``sequences``: ``ppl_dense``, ``ppl_sparse``, ``ppl_ratio``,
+    ``top1_agreement`` (causal LMs) or ``hidden_cosine`` (encoders)."""
+    dense, masks = _plain_pass(model, sequences, batch_size, pad_id, causal)
+    with install(model):
+        sparse, _ = _plain_pass(model, sequences, batch_size, pad_id, causal)
+    return _compare(dense, sparse, masks, sequences, causal)

@@ -13,11 +13,12 @@ import attn_audit
 from tests.helpers import run_python
 
 PKG = Path(attn_audit.__file__).parent
-STAGE_PACKAGES = {"capture", "rows", "stats", "theory", "assemble", "rank", "apply", "report", "gate", "export"}
+STAGE_PACKAGES = {"capture", "rows", "stats", "theory", "assemble", "rank", "apply", "report", "gate", "export",
+                  "predeploy"}
 TOP_MODULES = {"__init__", "__main__", "api", "cli", "config", "data", "errors", "load", "outdir", "progress",
                "provenance", "result", "schema", "verify"}
 # torch may be imported only by these stages (and by the orchestration that calls them)
-TORCH_STAGES = {"load", "data", "capture", "rows", "apply", "verify"}
+TORCH_STAGES = {"load", "data", "capture", "rows", "apply", "verify", "predeploy"}
 ORCHESTRATION = {"api", "cli", "provenance", "__main__"}
 
 

@@ -123,19 +123,29 @@ def render(result: AuditResult, model_info: Mapping[str, Any] | None = None) -> 
     return {TSV: tsv, CONFIG: json.dumps(config, indent=1) + "\n"}
 
 
+DEFAULT_SIZES = {"sink_size": 64, "recent_size": 256}  # assumed when a TSV comes without config.json
+
+
 def read_duo(
-    directory: str | Path, model_info: Mapping[str, Any]
+    directory: str | Path, model_info: Mapping[str, Any], *, require_config: bool = True
 ) -> tuple[list[list[float]], dict[str, Any]]:
-    """Load ``full_attention_heads.tsv`` and ``config.json`` from ``directory`` (the ``duo`` folder
-    or the export root) and check them against the model; raises :class:`ExportError`."""
+    """Load ``full_attention_heads.tsv`` and ``config.json`` from ``directory`` (the ``duo`` folder,
+    the export root, or the TSV file itself) and check them against the model; raises
+    :class:`ExportError`. Without ``require_config`` a missing ``config.json`` gives
+    :data:`DEFAULT_SIZES` (recorded under ``"assumed"``)."""
     d = Path(directory)
+    if d.is_file():
+        d = d.parent
     if not (d / "full_attention_heads.tsv").exists() and (d / "duo").is_dir():
         d = d / "duo"
     shape = validate_against_model(model_info)
     tsv, cfg = d / "full_attention_heads.tsv", d / "config.json"
     try:
         lines = tsv.read_text(encoding="utf-8").splitlines()
-        config = json.loads(cfg.read_text(encoding="utf-8"))
+        if require_config or cfg.exists():
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+        else:
+            config = {**DEFAULT_SIZES, "assumed": sorted(DEFAULT_SIZES)}
     except (OSError, ValueError) as exc:
         raise ExportError(f"{d}: cannot read a DuoAttention pattern ({exc})") from None
     lines = [line for line in lines if line.strip()]
@@ -153,8 +163,9 @@ def read_duo(
             values = [float(c) for c in cells]
         except ValueError:
             raise ExportError(f"{tsv}: row {layer} holds a non-number: {line!r}") from None
-        if any(not math.isfinite(v) or not 0.0 <= v <= 1.0 for v in values):
-            raise ExportError(f"{tsv}: row {layer} has a value outside [0, 1]: {line!r}")
+        for kv, v in enumerate(values):
+            if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+                raise ExportError(f"{tsv}: layer {layer}, KV head {kv}: value {cells[kv].strip()} is outside [0, 1]")
         matrix.append(values)
     if not isinstance(config, dict):
         raise ExportError(f"{cfg}: expected a JSON object")

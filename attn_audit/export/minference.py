@@ -156,3 +156,5 @@ def _check_value(p: Path, layer: int, head: str, value: Any) -> None:
             raise ExportError(f"{where}: {name} must be a positive integer, got {size!r}")
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise ExportError(f"{where}: score must be a finite number, got {score!r}")
+    if not 0.0 <= score <= 1.0:  # a recall; some shipped configs carry raw counts (~2e7) here
+        raise ExportError(f"{where}: score {score!r} is outside [0, 1] (it is the recalled attention mass)")

@@ -62,6 +62,10 @@ def _ppl_increase(r: AuditResult) -> float | None:
     return None if ratio is None else ratio - 1.0
 
 
+def _minus_one(x: float | None) -> float | None:
+    return None if x is None else x - 1.0
+
+
 def _planned_share(r: AuditResult) -> float | None:
     planned, total = (
         _get(r.data, "plan_summary", "heads_planned"),
@@ -76,6 +80,9 @@ def _flag_count(flag: str) -> Callable[[AuditResult], float | None]:
 
 _PLAN = "the result has no plan; rank and plan the heads first"
 _VERIFY = "verification did not run; add --verify"
+_CONFIG = "no third-party config was checked; add --check-config FILE"
+_RETRIEVAL = ("no informative retrieval check: add --verify (causal LMs only) and a --retrieval-len where "
+              "the dense model finds the passkey")
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
@@ -121,6 +128,49 @@ METRICS: dict[str, Metric] = {
             "saving of the largest plan prefix within the quality budget (verify)",
             lambda r: _get(r.data, "verify", "largest_plan_flops_saving"),
             _VERIFY,
+        ),
+        Metric(
+            "retrieval_accuracy_plan",
+            "passkey accuracy with the plan, where the dense model retrieves (verify.retrieval)",
+            lambda r: _get(r.data, "verify", "retrieval", "plan_accuracy"),
+            _RETRIEVAL,
+        ),
+        Metric(
+            "retrieval_drop",
+            "share of passkeys the dense model found and the plan lost (0 = none lost)",
+            lambda r: _get(r.data, "verify", "retrieval", "drop"),
+            _RETRIEVAL,
+        ),
+        Metric(
+            "measured_attention_speedup",
+            "dense attention time / the plan's, summed over layers (verify --measure-speed)",
+            lambda r: _get(r.data, "verify", "speed", "attention_speedup"),
+            "attention speed was not measured; add --verify --measure-speed",
+        ),
+        Metric(
+            "config_heads_losing",
+            "heads of the --check-config file losing more than eps of their mass in 10% of rows",
+            lambda r: (float(len(r.data["check_config"].get("heads_losing") or []))
+                       if isinstance(r.data.get("check_config"), Mapping) else None),
+            _CONFIG,
+        ),
+        Metric(
+            "config_ppl_increase",
+            "perplexity increase with the --check-config patterns in the model (ratio - 1)",
+            lambda r: _minus_one(_get(r.data, "check_config", "quality", "ppl_ratio")),
+            _CONFIG,
+        ),
+        Metric(
+            "config_hidden_cosine",
+            "hidden-state cosine with the --check-config patterns (encoders)",
+            lambda r: _get(r.data, "check_config", "quality", "hidden_cosine"),
+            _CONFIG,
+        ),
+        Metric(
+            "config_retrieval_drop",
+            "share of passkeys the dense model found and the --check-config patterns lost",
+            lambda r: _get(r.data, "check_config", "retrieval", "drop"),
+            _CONFIG,
         ),
         Metric(
             "heads_non_gaussian",

@@ -42,7 +42,12 @@ from attn_audit.report.html_overview import (
     summary_section,
 )
 from attn_audit.report.html_page import Page, e
-from attn_audit.report.html_plan import groups_section, plan_section, verify_section
+from attn_audit.report.html_plan import (
+    config_section,
+    groups_section,
+    plan_section,
+    verify_section,
+)
 from attn_audit.report.html_theory import qq_section, theory_section
 
 if TYPE_CHECKING:
@@ -81,6 +86,7 @@ class HtmlRenderer:
             plan_section(page),
             groups_section(page),
             verify_section(page),
+            config_section(page),
         ]
         summary = summary_section(page)
         page.toc.append(("provenance", "Provenance"))

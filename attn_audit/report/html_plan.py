@@ -19,11 +19,20 @@ from attn_audit.report.formatting import (
 )
 from attn_audit.report.headlines import headline
 from attn_audit.report.html_page import Page, e, head_td, reason_td, table, td
+from attn_audit.report.predeploy import (
+    CONFIG_HEADER,
+    RETRIEVAL_HEADER,
+    config_lines,
+    config_rows,
+    retrieval_lines,
+    retrieval_rows,
+    speed_lines,
+)
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult
 
-__all__ = ["groups_section", "plan_section", "verify_section"]
+__all__ = ["config_section", "groups_section", "plan_section", "verify_section"]
 
 
 def _plan_intro(result: AuditResult) -> str:
@@ -272,9 +281,37 @@ def verify_section(page: Page) -> str:
             rows,
             "Per-head output error of the planned sparse attention.",
         )
+    inner += "".join(f"<p>{e(t)}</p>" for t in speed_lines(page.result))
+    inner += _retrieval_html(page)
     return page.section("verify", "Verification", inner)
+
+
+def _retrieval_html(page: Page) -> str:
+    """The passkey retrieval check: its sentences and the per-(length, depth) table."""
+    lines = retrieval_lines(page.result)
+    if not lines:
+        return ""
+    out = "<h3>Long-context retrieval (passkey)</h3>" + "".join(f"<p>{e(t)}</p>" for t in lines)
+    rows = ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in retrieval_rows(page.result)]
+    if rows:
+        out += table("retrieval-table", [(h, False) for h in RETRIEVAL_HEADER], rows,
+                     "Passkeys found by the dense model and with the plan, per prompt length and depth.")
+    return out
 
 
 def _fixed4(value: Any) -> str:
     x = num(value)
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def config_section(page: Page) -> str:
+    """The --check-config result: what the file asks for, its kept mass, quality and retrieval."""
+    lines = config_lines(page.result)
+    if not lines:
+        return ""
+    inner = "".join(f"<p>{e(t)}</p>" for t in lines)
+    rows = ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in config_rows(page.result)]
+    if rows:
+        inner += table("config-table", [(h, False) for h in CONFIG_HEADER], rows,
+                       "Heads of the config losing the most attention mass (90th percentile of rows), worst first.")
+    return page.section("check-config", "Third-party config check", inner)

@@ -30,6 +30,15 @@ from attn_audit.report.headlines import (
     left_out,
     theory_lines,
 )
+from attn_audit.report.predeploy import (
+    CONFIG_HEADER,
+    RETRIEVAL_HEADER,
+    config_lines,
+    config_rows,
+    retrieval_lines,
+    retrieval_rows,
+    speed_lines,
+)
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult
@@ -226,6 +235,21 @@ class MarkdownRenderer:
         lines += [title, "", *table, ""]
         lines += _kernel_lines(result, top)
         lines += [*_checks(result), ""]
+        speed = speed_lines(result)
+        if speed:
+            lines += ["#### Measured attention speed", "", *[f"- {md_code(t)}" for t in speed], ""]
+        retrieval = retrieval_lines(result)
+        if retrieval:
+            lines += ["#### Long-context retrieval (passkey)", "", *[f"- {md_code(t)}" for t in retrieval], ""]
+            rows = retrieval_rows(result)
+            if rows:
+                lines += [*_table(RETRIEVAL_HEADER, rows, "rrrrrl"), ""]
+        checked = config_lines(result)
+        if checked:
+            lines += ["#### Third-party config check", "", *[f"- {md_code(t)}" for t in checked], ""]
+            rows = [[md_code(c, cell=True) for c in row] for row in config_rows(result, 10)]
+            if rows:
+                lines += [*_table(CONFIG_HEADER, rows, "llrr"), ""]
         theory = theory_lines(result)
         if theory:
             lines += ["#### Theory check", "", *[f"- {t}" for t in theory], ""]

@@ -38,6 +38,15 @@ from attn_audit.report.headlines import (
     headline,
     theory_lines,
 )
+from attn_audit.report.predeploy import (
+    CONFIG_HEADER,
+    RETRIEVAL_HEADER,
+    config_lines,
+    config_rows,
+    retrieval_lines,
+    retrieval_rows,
+    speed_lines,
+)
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult
@@ -324,6 +333,27 @@ def render_to_console(result: AuditResult, console: Console, top: int = DEFAULT_
     theory = theory_lines(result)
     if theory:
         parts += [Text(""), Text("Theory check", style="bold"), *[Text(line) for line in theory]]
+    speed = speed_lines(result)
+    if speed:
+        parts += [Text(""), Text("Measured attention speed", style="bold"), *[Text(line) for line in speed]]
+    retrieval = retrieval_lines(result)
+    if retrieval:
+        parts += [Text(""), Text("Long-context retrieval (passkey)", style="bold"), *[Text(line) for line in retrieval]]
+        rows = retrieval_rows(result)
+        if rows:
+            table = _new_table("", [(h, "right") for h in RETRIEVAL_HEADER])
+            for row in rows:
+                table.add_row(*row)
+            parts.append(table)
+    checked = config_lines(result)
+    if checked:
+        parts += [Text(""), Text("Third-party config check", style="bold"), *[Text(line) for line in checked]]
+        rows = config_rows(result, 10)
+        if rows:
+            table = _new_table("", [(h, "left" if i < 2 else "right") for i, h in enumerate(CONFIG_HEADER)])
+            for row in rows:
+                table.add_row(*row)
+            parts.append(table)
     console.print(Group(*parts), soft_wrap=False, crop=True)
 
 

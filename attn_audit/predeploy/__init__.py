@@ -1,0 +1,43 @@
+"""The pre-deployment checks beyond perplexity: long-context retrieval with the plan installed,
+third-party pattern configs (MInference, DuoAttention, flex plans) checked against the model
+and measured on the user's data, and the plan's attention timed against the dense kernel.
+
+Every check takes the plan as one pluggable step, an *installer*: ``install(model)`` returns a
+context manager inside which the model runs the plan (:data:`Installer`).
+"""
+
+from __future__ import annotations
+
+from attn_audit.predeploy.check import check_config
+from attn_audit.predeploy.configs import detect_format, read_config
+from attn_audit.predeploy.patterns import (
+    Pattern,
+    keep_mask,
+    kept_mass,
+    pattern_installer,
+)
+from attn_audit.predeploy.retrieval import (
+    DEPTHS,
+    Installer,
+    build_prompts,
+    retrieval_check,
+    retrieved,
+)
+from attn_audit.predeploy.speed import attention_speed, flex_window_attention
+
+__all__ = [
+    "DEPTHS",
+    "Installer",
+    "Pattern",
+    "attention_speed",
+    "build_prompts",
+    "check_config",
+    "detect_format",
+    "flex_window_attention",
+    "keep_mask",
+    "kept_mass",
+    "pattern_installer",
+    "read_config",
+    "retrieval_check",
+    "retrieved",
+]
