@@ -15,8 +15,8 @@ for the full plan as a comparison.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -211,17 +211,44 @@ def oracle_installer(budgets: dict[tuple[int, int], int], sinks: int) -> Callabl
     return install
 
 
+KERNEL_LABEL = "kernel patterns run by FlexAttention (apply_plan)"
+ORACLE_LABEL = "oracle top-k simulation, an upper bound"
+
+
+def kernel_installer(result: AuditResult) -> Callable[[Any], AbstractContextManager[Any]]:
+    """An installer that runs ``result``'s kernel plan (``kernel_plan``: each head's block pattern)
+    inside the model with :func:`attn_audit.apply.apply_plan`, and restores the model after.
+    Eager FlexAttention: the same kept keys as the compiled kernel, without the compile time."""
+
+    @contextmanager
+    def install(model: Any) -> Iterator[None]:
+        from attn_audit.apply import apply_plan, remove_plan
+
+        apply_plan(model, result, compile=False)
+        try:
+            yield
+        finally:
+            remove_plan(model)
+
+    return install
+
+
+def has_kernel_plan(result: AuditResult) -> bool:
+    """The result plans at least one head onto a kernel pattern."""
+    return any(e.get("pattern") not in (None, "dense") for e in result.data.get("kernel_plan") or [])
+
+
 def plan_installer(result: AuditResult, n: int) -> tuple[Callable[[Any], AbstractContextManager[Any]], str]:
     """The one pluggable step of the pre-deployment checks: ``(install, label)`` where
-    ``install(model)`` is a context manager that runs ``result``'s plan inside the model at length ``n``.
-
-    Today: the oracle top-k simulation (:func:`oracle_installer`). A kernel implementation of the plan
-    (FlexAttention block patterns) replaces it here, e.g. ``contextlib.contextmanager`` around
-    ``apply_plan(model, result)`` / ``remove_plan(model)``."""
+    ``install(model)`` is a context manager that runs ``result``'s plan inside the model at length ``n``:
+    the kernel plan through FlexAttention where the audit measured patterns, else the oracle top-k
+    simulation (:func:`oracle_installer`), labelled as the bound it is."""
+    if has_kernel_plan(result):
+        return kernel_installer(result), KERNEL_LABEL
     plan = result.data.get("plan") or []
     target = (result.data.get("plan_summary") or {}).get("target_len") or n
     budgets, _ = _plan_budgets(plan, target, n)
-    return oracle_installer(budgets, int(result.run.get("sinks", 1))), "oracle top-k simulation, an upper bound"
+    return oracle_installer(budgets, int(result.run.get("sinks", 1))), ORACLE_LABEL
 
 
 def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], config: AuditConfig, pad_id: int) -> None:
@@ -265,7 +292,13 @@ def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], conf
         "largest_plan_flops_saving": saving,
         "largest_plan": probes.get(best),
         "method": "bisection over plan prefixes (greedy growth down the ranking)",
+        "label": ORACLE_LABEL,
     }
+    if has_kernel_plan(result):  # the plan a kernel runs, applied to the model
+        kernel = quality_under(kernel_installer(result), model, held_out, bs, pad_id, causal)
+        result.data["verify"]["kernel"] = {"label": KERNEL_LABEL, **kernel,
+                                           "heads": sum(1 for e in result.data["kernel_plan"]
+                                                        if e.get("pattern") not in (None, "dense"))}
 
 
 def _plain_pass(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int,

@@ -124,6 +124,24 @@ METRICS: dict[str, Metric] = {
             _VERIFY,
         ),
         Metric(
+            "kernel_ppl_increase",
+            "perplexity increase with the kernel plan applied (FlexAttention; verify.kernel.ppl_ratio - 1)",
+            lambda r: _minus_one(_get(r.data, "verify", "kernel", "ppl_ratio")),
+            _VERIFY,
+        ),
+        Metric(
+            "kernel_top1_agreement",
+            "top-1 agreement with the kernel plan applied (verify.kernel)",
+            lambda r: _get(r.data, "verify", "kernel", "top1_agreement"),
+            _VERIFY,
+        ),
+        Metric(
+            "kernel_hidden_cosine",
+            "hidden-state cosine with the kernel plan applied (encoders; verify.kernel)",
+            lambda r: _get(r.data, "verify", "kernel", "hidden_cosine"),
+            _VERIFY,
+        ),
+        Metric(
             "verified_flops_saving",
             "saving of the largest plan prefix within the quality budget (verify)",
             lambda r: _get(r.data, "verify", "largest_plan_flops_saving"),

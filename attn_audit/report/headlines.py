@@ -86,10 +86,18 @@ def gate_text(result: AuditResult) -> str:
 
 
 def quality_text(result: AuditResult) -> str:
-    """The measured quality cost of the plan, or "not run"."""
+    """The measured quality cost of the plan, or "not run"; with a kernel plan applied
+    (``verify.kernel``), the kernel's cost first and the oracle's as its bound."""
     verify = result.data.get("verify")
     if not isinstance(verify, dict):
         return NOT_RUN
+    kernel = verify.get("kernel")
+    if isinstance(kernel, dict):
+        return f"kernel plan {_quality_parts(kernel)}; oracle top-k bound {_quality_parts(verify)}"
+    return _quality_parts(verify)
+
+
+def _quality_parts(verify: dict) -> str:  # type: ignore[type-arg]
     parts = []
     ratio = num(verify.get("ppl_ratio"))
     cosine = num(verify.get("hidden_cosine"))
