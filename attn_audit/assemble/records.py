@@ -75,6 +75,9 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
             }
             if rec["R"]["logit_range"] and rec["R"]["qk_bound"]:
                 rec["R"]["looseness"] = rec["R"]["qk_bound"] / rec["R"]["logit_range"]
+            window = (info.get("layer_windows") or [None] * L)[l]
+            if window:  # a local layer: its rows see at most this many keys (the plan's FLOPs)
+                rec["sliding_window"] = int(window)
             if len(summaries) > 1:
                 rec["by_length"] = {str(n): {"sparsity": per_length[n][(l, h)]} for n in sorted(summaries)}
             heads.append(rec)

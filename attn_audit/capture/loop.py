@@ -122,7 +122,9 @@ def _restore(checkpoint: Any, acc: Any, seq_len: int, total: int, batch_size: in
 
 def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
     """One short forward pass under the capture: every attention site must reach the interface
-    with the heads and head size the model info states (before any long run starts).
+    with the heads and head size the model info states (before any long run starts). Where a
+    causal model passes sliding windows, ``info["layer_windows"]`` records each site's window
+    (None for a global layer): the plan's FLOPs count only the keys a windowed row can see.
 
     Raises:
         UnsupportedFamilyError: no call reaches the interface (attention computed in the model's
@@ -131,9 +133,12 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
     """
     device = next(model.parameters()).device
     seen: list[tuple[int, int, int]] = []
+    windows: list[int | None] = []
 
     def consumer(call: Any) -> None:
         seen.append((call.query.shape[1], call.key.shape[1], call.query.shape[-1]))
+        w = call.sliding_window
+        windows.append(int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None)
 
     ids = torch.arange(1, tokens + 1, device=device).view(1, -1)
     with torch.inference_mode(), capturing(model, consumer):
@@ -155,6 +160,8 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
         raise UnsupportedFamilyError(
             f"model_type '{name}': {len(seen)} attention calls per forward pass but {info['num_layers']} attention "
             "layers in its config; some layers compute attention outside the interface (see --list-families)")
+    if any(w is not None for w in windows) and info["causal"]:
+        info["layer_windows"] = windows  # what each site's kernel receives (local / global layers)
     want = (info["num_heads"], info["num_kv_heads"], info["head_dim"])
     odd = [i for i, s in enumerate(seen) if s != want]
     if odd:

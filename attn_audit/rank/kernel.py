@@ -37,12 +37,15 @@ def num_blocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def tiles(n: int, block: int, causal: bool, pattern: str, level: int, sinks: int = 1) -> int:
-    """Tiles a block kernel computes for one head over one sequence of ``n`` tokens."""
+def tiles(n: int, block: int, causal: bool, pattern: str, level: int, sinks: int = 1,
+          window: int | None = None) -> int:
+    """Tiles a block kernel computes for one head over one sequence of ``n`` tokens; a causal
+    sliding ``window`` (local layers) allows a query block only the tiles its window touches."""
     nb = num_blocks(n, block)
+    reach = num_blocks(window, block) + 1 if causal and window else None
     total = 0
     for qb in range(nb):
-        avail = qb + 1 if causal else nb
+        avail = (qb + 1 if reach is None else min(qb + 1, reach)) if causal else nb
         if pattern == "dense":
             t = avail
         elif pattern in ("block-topk", "block-oracle"):
@@ -59,9 +62,9 @@ def tiles(n: int, block: int, causal: bool, pattern: str, level: int, sinks: int
 
 
 def pattern_flops(n: int, block: int, head_dim: int, causal: bool, pattern: str, level: int,
-                  sinks: int = 1) -> int:
+                  sinks: int = 1, window: int | None = None) -> int:
     """QKᵀ + PV FLOPs of one head at ``n`` tokens, whole tiles: ``4·d·block²·tiles``."""
-    return 4 * head_dim * block * block * tiles(n, block, causal, pattern, level, sinks)
+    return 4 * head_dim * block * block * tiles(n, block, causal, pattern, level, sinks, window)
 
 
 def estimate_flops(n: int, block: int, head_dim: int, causal: bool, pattern: str) -> int:
@@ -115,7 +118,8 @@ def kernel_choice(rec: Mapping[str, Any], eps_key: str, target: int, head_dim: i
         return None
     block = int(pats["block_size"])
     audited = int(pats["seq_len"])
-    dense = pattern_flops(target, block, head_dim, causal, "dense", 0)
+    window = rec.get("sliding_window") if isinstance(rec.get("sliding_window"), int) else None
+    dense = pattern_flops(target, block, head_dim, causal, "dense", 0, window=window)
     candidates = {}
     for name in KERNEL_PATTERNS:
         block_rec = (pats.get("by_pattern") or {}).get(name)
@@ -125,7 +129,7 @@ def kernel_choice(rec: Mapping[str, Any], eps_key: str, target: int, head_dim: i
         if not isinstance(at, Mapping) or at.get("level_p90") is None:
             continue
         level = scaled_level(int(at["level_p90"]), audited, target, block)
-        flops = pattern_flops(target, block, head_dim, causal, name, level, sinks)
+        flops = pattern_flops(target, block, head_dim, causal, name, level, sinks, window)
         est = estimate_flops(target, block, head_dim, causal, name)
         candidates[name] = {"level": level, "flops": flops, "estimate_flops": est,
                             "flops_saving": 1.0 - (flops + est) / dense if dense else 0.0}
@@ -173,6 +177,14 @@ def add_kernel_plan(result: Any, config: Any = None) -> None:
     entries.sort(key=lambda e: (-e["flops_saving"], e["layer"], e["head"]))
     total = len(entries)
     saving = sum(e["flops_saving"] for e in entries) / total if total else 0.0
+    windows = {(r["layer"], r["head"]): r.get("sliding_window") for r in result.heads}
+    if any(isinstance(w, int) for w in windows.values()):  # local layers cost less: weight by dense tiles
+        dense = {key: pattern_flops(ctx.target, e["block_size"], ctx.head_dim, ctx.causal, "dense", 0,
+                                    window=windows[key])
+                 for key, e in ((( e["layer"], e["head"]), e) for e in entries)}
+        total_dense = sum(dense.values())
+        saving = (sum(e["flops_saving"] * dense[(e["layer"], e["head"])] for e in entries) / total_dense
+                  if total_dense else 0.0)
     counts: dict[str, int] = {}
     for e in entries:
         counts[e["pattern"]] = counts.get(e["pattern"], 0) + 1

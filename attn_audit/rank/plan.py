@@ -27,15 +27,35 @@ def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
     total = max(
         len(result.heads), int(model.get("num_layers") or 0) * int(model.get("num_heads") or 0)
     )
+    weight = _head_weights(evals, ctx, total)
+    windowed = any(ev.window for ev in evals)
     plan, excluded = [], []
     for ev in evals:
         if not _planned(ev, ctx):
             excluded.append(_excluded_entry(ev, ctx))
             continue
-        plan.append(_plan_entry(ev, ctx, total))
-    saving = sum(ev.saving for ev in evals if _planned(ev, ctx)) / total if total else 0.0
+        plan.append(_plan_entry(ev, ctx, total, weight(ev) if windowed else None))
+    if windowed:
+        saving = sum(ev.saving * weight(ev) for ev in evals if _planned(ev, ctx))
+    else:  # every head costs the same
+        saving = sum(ev.saving for ev in evals if _planned(ev, ctx)) / total if total else 0.0
     result.data["plan"] = plan
-    result.data["plan_summary"] = _summary(ctx, plan, excluded, total, saving)
+    result.data["plan_summary"] = _summary(ctx, plan, excluded, total, saving, _dense_flops(evals, ctx, total))
+
+
+def _dense_flops(evals: list[_Eval], ctx: _Ctx, total: int) -> int:
+    """Dense attention FLOPs of all heads at the target length (windowed layers see fewer keys)."""
+    full = attention_flops(ctx.target, ctx.head_dim, ctx.causal)
+    return sum(attention_flops(ctx.target, ctx.head_dim, ctx.causal, ev.window) for ev in evals) + \
+        full * (total - len(evals))
+
+
+def _head_weights(evals: list[_Eval], ctx: _Ctx, total: int):  # type: ignore[no-untyped-def]
+    """A head's share of the model's dense attention FLOPs (1/total when no layer is windowed)."""
+    if not any(ev.window for ev in evals):
+        return lambda ev: 1.0 / total if total else 0.0
+    dense = _dense_flops(evals, ctx, total)
+    return lambda ev: attention_flops(ctx.target, ctx.head_dim, ctx.causal, ev.window) / dense if dense else 0.0
 
 
 def _excluded_entry(ev: _Eval, ctx: _Ctx) -> dict[str, Any]:
@@ -51,8 +71,9 @@ def _excluded_entry(ev: _Eval, ctx: _Ctx) -> dict[str, Any]:
     return {"layer": ev.layer, "head": ev.head, "k": ev.k if ev.measured else None, "why": why}
 
 
-def _plan_entry(ev: _Eval, ctx: _Ctx, total: int) -> dict[str, Any]:
-    """The ``plan`` entry of a head made top-k sparse (``total``: heads in the model)."""
+def _plan_entry(ev: _Eval, ctx: _Ctx, total: int, weight: float | None) -> dict[str, Any]:
+    """The ``plan`` entry of a head made top-k sparse (``weight``: its share of the model's dense
+    attention FLOPs where windowed layers make heads cost differently; None: 1 / ``total``)."""
     return {
         "layer": ev.layer,
         "head": ev.head,
@@ -61,7 +82,8 @@ def _plan_entry(ev: _Eval, ctx: _Ctx, total: int) -> dict[str, Any]:
         "pattern": "top-k",
         "kfrac": ev.k / ctx.target,
         "flops_saving": ev.saving,
-        "flops_saving_model": ev.saving / total if total else 0.0,
+        "flops_saving_model": (ev.saving * weight if weight is not None
+                               else ev.saving / total if total else 0.0),
         "score": ev.score,
         "flags": list(ev.flags),
         "reason": _reason(ev, ctx),
@@ -74,9 +96,10 @@ def _summary(
     excluded: list[dict[str, Any]],
     total: int,
     saving: float,
+    dense: int,
 ) -> dict[str, Any]:
-    """``plan_summary``: counts, the model-wide saving and FLOPs, the text, formula and settings."""
-    dense = total * attention_flops(ctx.target, ctx.head_dim, ctx.causal)
+    """``plan_summary``: counts, the model-wide saving and FLOPs (``dense``: all heads' dense
+    attention FLOPs at the target length), the text, formula and settings."""
     return {
         "target_len": ctx.target,
         "audited_len": ctx.n,

@@ -37,6 +37,7 @@ class _Eval:
     basis: str = ""
     kfrac_measured: float = 1.0
     saving: float = 0.0
+    window: int | None = None  # the layer's causal sliding window (heads[].sliding_window)
     stability: float = 0.0
     ci_half: float | None = None
     flags: list[str] = field(default_factory=list)
@@ -51,7 +52,9 @@ def _evaluate(head: Mapping[str, Any], ctx: _Ctx) -> _Eval:
         return ev
     ev.measured = True
     ev.k, ev.k_audit, ev.basis = _budget(head, ctx)
-    ev.saving = flops_saving(ctx.target, ev.k, ctx.causal)
+    window = head.get("sliding_window")
+    ev.window = int(window) if isinstance(window, int) and window > 0 else None
+    ev.saving = flops_saving(ctx.target, ev.k, ctx.causal, ev.window)
     kfrac = _num(block.get("kfrac_mean"))
     ev.kfrac_measured = min(1.0, max(0.0, kfrac if kfrac is not None else ev.k_audit / ctx.n))
     ci = (block.get("ci") or {}).get("kfrac_mean")
