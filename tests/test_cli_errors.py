@@ -12,22 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attn_audit.cli import main
+from tests.helpers import assert_one_line_error, run_cli
 
 PY = sys.executable
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "attn_audit", *args], capture_output=True, text=True, timeout=timeout,
-                          env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                               "HOME": "/tmp", "TRANSFORMERS_VERBOSITY": "error"})
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("attn-audit:")]
-    assert len(lines) == 1, proc.stderr
-    assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 from attn_audit.errors import ModelLoadError, UnsupportedFamilyError
 from attn_audit.load import gguf_architecture, load_model
-from tests.test_cli_errors import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli
 
 VOCAB = 200_000  # parsing every field of this vocabulary takes gguf's GGUFReader seconds
 

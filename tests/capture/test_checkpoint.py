@@ -12,7 +12,7 @@ import pytest
 from attn_audit.capture.checkpoint import Checkpointer, check_state
 from attn_audit.errors import CheckpointError
 
-VOLATILE = {"created", "elapsed_s", "tokens_per_s", "statistics_s"}
+VOLATILE = {"created", "elapsed_s", "tokens_per_s", "statistics_s", "stage_s", "total_s"}
 TEXTS = [f"document {i}: " + " ".join(f"w{(i * 7 + j) % 97}" for j in range(40)) for i in range(40)]
 STEPS = ("arrays-written", "arrays-renamed", "manifest-written", "manifest-renamed", "old-files-removed")
 

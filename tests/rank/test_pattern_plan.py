@@ -99,10 +99,10 @@ def test_reports_show_kernel_pattern_and_both_savings() -> None:
 
 @pytest.mark.parametrize("args,needle", [
     (["--patterns", "diagonal"], "--patterns 'diagonal' is unknown"),
-    (["--block-size", "0"], "--block-size 0 must be at least 1"),
+    (["--block-size", "0"], "--block-size 0 is outside the range 1..1048576"),
 ])
 def test_pattern_options_fail_fast(args: list[str], needle: str) -> None:
-    from tests.test_cli_errors import assert_one_line_error, run_cli
+    from tests.helpers import assert_one_line_error, run_cli
 
     assert_one_line_error(run_cli("smollm2-135m-instruct", *args), 2, needle)
 

@@ -419,7 +419,7 @@ def calibration() -> dict[str, tuple[int, dict[str, int]]]:
             [
                 sys.executable,
                 "-c",
-                f"from tests.test_stats import _calibration_worker as w; w({json.dumps(part)!r})",
+                f"from tests.stats.test_stats import _calibration_worker as w; w({json.dumps(part)!r})",
             ],
             cwd=ROOT,
             env=env,
