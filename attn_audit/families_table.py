@@ -23,8 +23,10 @@ def summary_line(table: dict[str, Any]) -> str:
     """One line: how many types pass among those whose tiny config runs eager attention."""
     c = counts(table)
     share = 100.0 * c["pass"] / c["runs"] if c["runs"] else 0.0
-    return (f"{c['pass']} of {c['runs']} model types whose tiny config runs eager attention pass ({share:.1f}%); "
-            f"{c['fallback']} fallback, {c['refused']} refused, {c['cannot build']} cannot build a tiny config "
+    audited = 100.0 * (c["pass"] + c["fallback"]) / c["runs"] if c["runs"] else 0.0
+    return (f"{c['pass']} of {c['runs']} model types whose tiny config runs eager attention pass ({share:.1f}%), "
+            f"{c['pass'] + c['fallback']} ({audited:.1f}%) with the {c['fallback']} audited through the eager "
+            f"fallback; {c['refused']} refused, {c['cannot build']} cannot build a tiny config "
             f"(transformers {table.get('transformers', '?')}, {sum(c[s] for s in STATUSES)} types swept)")
 
 

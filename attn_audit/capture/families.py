@@ -266,6 +266,9 @@ def check_type(model_type: str, seed: int = 0) -> TypeResult:
         return TypeResult(model_type, "cannot build", failure)
     if not ref:
         return TypeResult(model_type, "cannot build", "eager forward returns no attention probabilities")
+    if any(a.dim() != 4 for a in ref):
+        return TypeResult(model_type, "cannot build", "eager output_attentions are not (batch, head, query, key) "
+                          f"softmax probabilities (shape {tuple(ref[0].shape)}): no softmax attention to audit")
     try:
         sites, worst, feats, n_ref = compare(model, inputs)
         shapes = _SHAPES[0]
