@@ -361,7 +361,7 @@ def load_model(
         model = cls.from_pretrained(
             path,
             dtype=_dtype(dtype),
-            attn_implementation="sdpa",
+            attn_implementation=None,  # sdpa where the family supports it, else eager (transformers' default)
             use_safetensors=None if allow_pickle else True,
             **({"device_map": device_map} if device_map else {}),
             **kwargs,
@@ -417,9 +417,8 @@ def attention_geometry(cfg: Any) -> dict[str, Any]:
     nope + rope dims, else hidden / heads) and v_head_dim (d_v).
     """
     heads = int(_first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads") or 0)
-    kv = _first(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv", "num_kv")
-    if kv is None and getattr(cfg, "multi_query", False):
-        kv = 1
+    kv = 1 if getattr(cfg, "multi_query", False) is True else _first(
+        cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv", "num_kv")
     hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", "dim") or 0)
     if getattr(cfg, "qk_nope_head_dim", None) is not None:  # MLA: Q/K carry nope + rope parts
         head_dim = cfg.qk_nope_head_dim + (getattr(cfg, "qk_rope_head_dim", 0) or 0)

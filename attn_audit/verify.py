@@ -22,10 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from attn_audit.capture.interface import AttentionCall, capturing, scores
+from attn_audit.capture.interface import (
+    AttentionCall,
+    attention_probs,
+    capturing,
+    scores,
+)
 from attn_audit.config import AuditConfig
 from attn_audit.data import batches
-from attn_audit.errors import CaptureError
 from attn_audit.result import AuditResult
 
 
@@ -68,10 +72,8 @@ class _PlanApplier:
         self.mask: torch.Tensor | None = None
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
-        if not call.plain:
-            raise CaptureError("verification of models with learned sink logits (s_aux) is not supported yet")
         s = scores(call)  # (b, H, S, S) float32
-        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+        p = attention_probs(call)  # with a sink column, rows sum to 1 - sink mass
         groups = call.query.shape[1] // call.key.shape[1]
         v = call.value.float().repeat_interleave(groups, dim=1)  # (b, H, S, d)
         out = p @ v
@@ -81,13 +83,15 @@ class _PlanApplier:
             keep = keep_mask(s[:, head], k, self.pattern, self.sinks)
             ph = p[:, head] * keep
             kept = ph.sum(-1, keepdim=True)
-            o_hat = (ph / kept.clamp_min(1e-30)) @ v[:, head]
+            # renormalised over the kept keys and any sink column (whose mass is 1 - the keys' total)
+            sink = 1 - p[:, head].sum(-1, keepdim=True) if not call.plain else 0.0
+            o_hat = (ph / (kept + sink).clamp_min(1e-30)) @ v[:, head]
             if self.measure:
                 o = out[:, head]
                 rel = (o - o_hat).norm(dim=-1) / o.norm(dim=-1).clamp_min(1e-12)
                 valid = self.mask.bool() if self.mask is not None else torch.ones_like(rel, dtype=torch.bool)
                 self.errors.setdefault((layer, head), []).append(rel[valid].cpu().numpy())
-                self.tails.setdefault((layer, head), []).append((1 - kept.squeeze(-1))[valid].cpu().numpy())
+                self.tails.setdefault((layer, head), []).append((1 - sink - kept).squeeze(-1)[valid].cpu().numpy())
             if (layer, head) in self.active:
                 out[:, head] = o_hat
         return out.transpose(1, 2).to(call.query.dtype).contiguous()

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attn_audit.report.families import render_markdown, summary_line  # noqa: E402
+from attn_audit.report.families import render_markdown, render_readme, summary_line  # noqa: E402
 
 JSON_PATH = ROOT / "attn_audit" / "families.json"
 DOC_PATH = ROOT / "docs" / "families.md"
@@ -88,7 +88,7 @@ def write_readme_block(table: dict) -> None:
         return
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    block = render_markdown(table, heading_level=3)
+    block = render_readme(table)
     README.write_text(head + start + "\n" + block + end + tail)
 
 
@@ -105,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        import transformers  # imported once here; the forked workers inherit it
-
         import torch
+        import transformers  # imported once here; the forked workers inherit it
 
         from attn_audit.capture.families import check_type
 

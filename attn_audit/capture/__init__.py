@@ -1,8 +1,11 @@
 """Stage ``capture``: run the model and reduce every layer's attention call as it happens.
 
 ``interface`` registers a function in transformers' attention interface that sees each layer's
-query, key and value (post-RoPE, before GQA's ``repeat_kv``) and the mask; ``hooks`` adds the
-pre-RoPE projections where the family's modules are known; ``accumulate`` folds each call into
+query, key and value (post-RoPE, before GQA's ``repeat_kv``), the mask and every keyword (honoured
+or refused by name), for any family; ``hooks`` adds the optional pre-RoPE projections where the
+projections are known; ``families`` checks a tiny model of any ``model_type`` against its eager
+attention (the registry sweep); models computing attention outside the interface are read
+through their eager probabilities (``loop.fallback_calls``); ``accumulate`` folds each call into
 fixed-size per-head state (``totals``: running row metrics, ``reservoir``: bounded, mergeable
 samples); ``loop`` runs the batches of one length with ``checkpoint`` (resume) and
 ``distributed`` (torchrun shards).

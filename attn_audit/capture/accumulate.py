@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from attn_audit.capture.interface import AttentionCall, allowed_mask, scores
+from attn_audit.capture.interface import (
+    AttentionCall,
+    allowed_mask,
+    scores,
+    sink_column,
+)
 from attn_audit.capture.pattern_totals import PatternTotals
 from attn_audit.capture.reservoir import Reservoir, priorities
 from attn_audit.capture.totals import RowTotals
@@ -151,11 +156,6 @@ class Accumulator:
         from the measured weights (see ``_can_fuse``), else None (the model's kernel runs).
         """
         layer = call.layer
-        if not call.plain:
-            raise CaptureError(
-                "learned attention-sink logits (s_aux) take probability mass without being a key; the per-row "
-                "k of such rows is not measured yet (the capture itself is exact, see --list-families)"
-            )
         if layer >= self.L or call.query.shape[1] != self.H or call.key.shape[1] != self.Hkv:
             raise CaptureError(
                 f"attention call {layer} has {call.query.shape[1]} query / {call.key.shape[1]} key heads; the model "
@@ -227,6 +227,8 @@ class Accumulator:
         # Every query row measured on CPU: the kernel also writes the attention weights, and this
         # call returns the layer's output (weights @ V, eager attention's own formula) in place of
         # the model's sdpa, which would compute Q K^T a second time.
+        if not call.plain:
+            return self._measure_with_sink(call, rows), None
         fuse = self._can_fuse(call, rows)
         # plain causal attention without padding: the kernel applies "key <= query" itself and
         # the scores need no -inf written into them
@@ -293,6 +295,38 @@ class Accumulator:
                               self.spec.sinks, call.is_causal, self.spec.patterns, est, b,
                               keys_total=call.key.shape[2], mask_after=causal_only)
             self.patterns.fold(call.layer, pr, valid[:, :, r0:r0 + step])
+
+    def _measure_with_sink(self, call: AttentionCall, rows: torch.Tensor) -> RowMetrics:
+        """Row metrics when a sink logit takes mass without being a key (gpt-oss ``s_aux``).
+
+        The sink becomes column 0 of each row (keys shift to 1..n, query positions with them, so
+        the causal, local-window and sink positions keep their meaning). It is a per-row constant,
+        kept at no cost: ``k_eps`` is the number of keys that, with the sink, reach 1 - eps (the
+        kernels' sink-forced count with the sink column as the only forced one, less that column);
+        ``k_eps_sinks`` also forces the first ``sinks`` keys. ``sink_mass`` includes the sink's
+        share; ``n_keys`` counts keys only.
+        """
+        from dataclasses import replace
+
+        b, keys_total = call.query.shape[0], call.key.shape[2]
+        step = max(1, self.cfg.block_elements // max(b * self.H * (keys_total + 1), 1))
+        parts = []
+        for start in range(0, len(rows), step):
+            blk = rows[start : start + step]
+            s = scores(call, blk, keys_total)  # (batch, head, R, keys), -inf where not allowed
+            if start + step >= len(rows):
+                self._sample_row_logits(call.layer, s[:, :, -1], int(blk[-1]), self.mask.to(s.device))
+            aug = torch.cat([sink_column(call, s, blk), s], dim=-1).reshape(b * self.H, len(blk), keys_total + 1)
+            alone = row_metrics(aug, blk + 1, replace(self.spec, sinks=1))
+            m = row_metrics(aug, blk + 1, replace(self.spec, sinks=self.spec.sinks + 1))
+            m.n_keys = (m.n_keys - 1).clamp_min(0)
+            m.k_eps = (alone.k_eps_sinks - 1).clamp_min(0)
+            m.k_eps_sinks = (m.k_eps_sinks - 1).clamp_min(0)
+            parts.append(m)
+        if len(parts) == 1:
+            return parts[0]
+        return RowMetrics(**{f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in parts[0].to_dict()
+                             if getattr(parts[0], f) is not None})
 
     def _can_fuse(self, call: AttentionCall, rows: torch.Tensor) -> bool:
         """Whether this call's output can come from the measured weights: every query row is

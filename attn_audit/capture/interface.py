@@ -37,7 +37,7 @@ from attn_audit.errors import CaptureError
 
 CAPTURE_IMPL = "attn_audit_capture"
 
-HONOURED = frozenset({"sliding_window", "softcap", "s_aux", "position_bias", "is_causal"})
+HONOURED = frozenset({"sliding_window", "softcap", "s_aux", "sinks", "position_bias", "is_causal", "indices"})
 """Keywords that change the probabilities and that :func:`scores` / :func:`attention_probs`
 apply exactly as the models' eager kernels do (``scaling`` and ``dropout`` are named arguments)."""
 
@@ -46,7 +46,7 @@ IGNORED = frozenset({
     "num_items_in_batch", "use_cache", "return_dict", "past_key_values", "past_key_value", "layer_idx",
     "deterministic",  # flash-attention's deterministic backward
     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",  # packing (flash only)
-    "query_length", "target_dtype", "token_type_ids",
+    "query_length", "target_dtype", "token_type_ids", "logits_to_keep",
 })
 """Keywords the eager and sdpa kernels never read: they leave the probabilities unchanged."""
 
@@ -68,8 +68,9 @@ class AttentionCall:
         softcap: tanh soft-capping of the logits, if the layer sets one.
         sliding_window: the layer's window, if any (the mask encodes it whenever one is given).
         is_causal: whether the call is causal (used when the mask is None).
-        s_aux: learned sink logits (head,) or None: one extra logit column per head in the
-            softmax denominator that takes mass but is not a key (gpt-oss).
+        s_aux: sink logits broadcastable to (batch, head, pos, 1), or None: one extra logit
+            column in the softmax denominator that takes mass but is not a key (learned per head
+            as gpt-oss's ``s_aux``, or per token as a ``sinks`` keyword).
         position_bias: additive logit bias broadcastable to (batch, head, pos, kv_pos) (T5
             relative positions), or None.
         mask_bias: whether a float ``attention_mask`` carries finite non-zero values (a bias to
@@ -131,11 +132,26 @@ def _has_bias(mask: torch.Tensor | None) -> bool:
     return bool((mask[live] != 0).any())
 
 
+def _select_keys(mask: torch.Tensor | None, indices: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Fold a sparse-attention indexer's choice (``indices``: (batch, pos, top-k) key positions,
+    DeepSeek-V3.2 DSA) into the mask, as the models do for their eager and sdpa kernels."""
+    b, n, _ = indices.shape
+    chosen = torch.zeros(b, n, n_keys, dtype=torch.bool, device=indices.device)
+    chosen = chosen.scatter(-1, indices.long().clamp(0, n_keys - 1), indices.ge(0)).unsqueeze(1)
+    if mask is None:
+        return chosen
+    if mask.dtype == torch.bool:
+        return mask & chosen
+    return mask.masked_fill(~chosen, torch.finfo(mask.dtype).min)
+
+
 def make_call(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
               kwargs: dict[str, Any], layer: int) -> AttentionCall:
     """Check the keywords and build the :class:`AttentionCall` of one kernel call."""
     check_kwargs(kwargs, module)
+    if kwargs.get("indices") is not None:
+        attention_mask = _select_keys(attention_mask, kwargs["indices"], key.shape[2])
     if dropout and getattr(module, "training", False):
         raise CaptureError(f"{type(module).__name__} runs attention dropout ({dropout}); call model.eval() first")
     if scaling is None:
@@ -145,10 +161,14 @@ def make_call(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     s_aux = kwargs.get("s_aux")
-    if s_aux is not None:
-        s_aux = s_aux.reshape(-1)
-        if s_aux.shape[0] != query.shape[1]:
-            raise CaptureError(f"{type(module).__name__}: {s_aux.shape[0]} sink logits for {query.shape[1]} heads")
+    if s_aux is not None:  # one learned logit per head (gpt-oss)
+        if s_aux.numel() != query.shape[1]:
+            raise CaptureError(f"{type(module).__name__}: {s_aux.numel()} sink logits for {query.shape[1]} heads")
+        s_aux = s_aux.reshape(1, -1, 1, 1)
+    elif kwargs.get("sinks") is not None:  # one logit per head and query token (batch, head, pos, 1)
+        s_aux = kwargs["sinks"]
+        if s_aux.dim() != 4 or s_aux.shape[-1] != 1:
+            raise CaptureError(f"{type(module).__name__}: sink logits of shape {tuple(s_aux.shape)} are not understood")
     return AttentionCall(
         layer=layer,
         query=query,
@@ -190,7 +210,8 @@ def _capture_attention(
         # sdpa cannot apply these (or the model does not support it): eager from our own probabilities
         return _eager(module, call, 0.0)
     fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    return fn(module, query, key, value, attention_mask, dropout=0.0, scaling=call.scaling, **kwargs)
+    kwargs.pop("indices", None)  # folded into call.attention_mask
+    return fn(module, query, key, value, call.attention_mask, dropout=0.0, scaling=call.scaling, **kwargs)
 
 
 def _eager(module: torch.nn.Module | None, call: AttentionCall, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,6 +355,15 @@ def scores(
     return s.masked_fill_(~allowed_mask(call, rows, n_keys), float("-inf"))
 
 
+def sink_column(call: AttentionCall, s: torch.Tensor, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """The sink logits as one float32 column (batch, head, rows, 1) next to scores ``s`` of
+    query rows ``rows`` (default all)."""
+    sink = call.s_aux.float()
+    if sink.shape[-2] > 1 and rows is not None:
+        sink = sink[..., rows, :]
+    return sink.expand(*s.shape[:-1], 1)
+
+
 def _log_probs(probs: torch.Tensor, rows: slice | torch.Tensor | None, keys: int | None,
                out: torch.Tensor | None) -> torch.Tensor:
     """Fallback scores: log of the eager probabilities (batch, head, rows, keys), float32; keys
@@ -358,6 +388,5 @@ def attention_probs(call: AttentionCall) -> torch.Tensor:
     if call.s_aux is None:
         probs = torch.softmax(s, dim=-1)
     else:
-        sink = call.s_aux.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
-        probs = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+        probs = torch.softmax(torch.cat([s, sink_column(call, s)], dim=-1), dim=-1)[..., :-1]
     return torch.nan_to_num(probs, nan=0.0)
