@@ -205,6 +205,7 @@ class Accumulator:
         self.max_k_norm[call.layer] = np.nan
         none = torch.zeros(mask.shape[0], self.H, mask.shape[1], dtype=torch.bool, device=mask.device)
         rows = self.batch_rows.to(mask.device)
+        self._bad = (none, none[:, :, 0])
         m, _ = self._measure(call, rows, mask)
         feats = self.totals.fold(call.layer, m, rows, mask, none, none[:, :, 0], self.seq_start)
         self.rows.update(call.layer, feats[self._row_sel[0], :, self._row_sel[1]])
@@ -265,8 +266,9 @@ class Accumulator:
 
     def _pattern_estimates(self, call: AttentionCall, mask: torch.Tensor) -> Any:
         """The layer call's dynamic selections (block-topk order, vertical-slash ranks), or None
-        when no pattern is measured."""
-        if self.patterns is None:
+        when no pattern is measured (or the call is the eager-probabilities fallback: no Q/K to
+        estimate blocks from)."""
+        if self.patterns is None or call.probs is not None:
             return None
         from attn_audit.rows.patterns import VS_LAST_Q, layer_estimates
 
