@@ -103,7 +103,7 @@ def audit(
             "model": info, "run": run}
     weights = _projection_weights(model, info, run)
     stages = StageClock(t0)
-    stages.lap("capture")  # data, capture and the run block
+    stages.lap("capture")  # data, the calibration of the estimate, the capture and the run block
     t1 = time.perf_counter()
     result = assemble(data, summaries, config, weights=weights, clock=stages)
     rank_and_plan(result, PlanConfig(target_len=config.target_len))

@@ -23,7 +23,9 @@ Schema (``schema_version`` 1). Keys marked (opt) may be absent.
     ``dataset`` (dict: ``spec``, ``kind`` ("text" | "input_ids"), ``split``, ``text_column``,
     ``documents``, ``tokens``, ``token_hash`` (sha256 of the audited token ids)),
     ``elapsed_s`` (data and capture), ``statistics_s`` (assembling the statistics), ``tokens_per_s``,
-    ``nonfinite_rows`` (int), ``created`` (ISO time).
+    ``nonfinite_rows`` (int), ``created`` (ISO time), ``stage_s`` (wall seconds per stage: ``load``,
+    ``capture``, ``statistics``, ``theory``, ``rank``, ``verify``, ``render``; 0 for a stage not run
+    in that call) and ``total_s`` (their sum, as contiguous laps).
 ``heads``: one record per (layer, query head), ordered by (layer, head):
     ``layer``, ``head``, ``kv_head`` (ints); ``sparsity`` keyed by eps key, each
     ``{k_mean, k_median, k_p90, kfrac_mean, rows, ci: {k_mean: [lo, hi], kfrac_mean: [lo, hi]},

@@ -53,7 +53,11 @@ def load_into(cache: dict[Any, Any], draws: int, seed: int, step: float) -> None
     if key in _LOADED:
         return
     _LOADED.add(key)
-    path = _path(draws, seed, step)
+    _read(_path(draws, seed, step), cache, draws, seed, step)
+
+
+def _read(path: Path | None, cache: dict[Any, Any], draws: int, seed: int, step: float) -> None:
+    """Add the cells stored at ``path`` that ``cache`` lacks (nothing when unreadable)."""
     if path is None or not path.exists():
         return
     try:
@@ -72,7 +76,9 @@ def save_from(cache: dict[Any, Any], draws: int, seed: int, step: float) -> None
     """Write the cells of (draws, seed, step) in ``cache`` to the store (atomically: a temporary
     file, then a rename; a concurrent run's write may win, which only costs a later simulation)."""
     path = _path(draws, seed, step)
-    cells = sorted((k, v) for k, v in cache.items() if k[2:] == (draws, seed, step))
+    mine = {k: v for k, v in cache.items() if k[2:] == (draws, seed, step)}
+    _read(path, mine, draws, seed, step)  # keep what the store holds beyond this process's cells
+    cells = sorted(mine.items(), key=lambda kv: kv[0])
     if path is None or not cells or len(cells) > _MAX_CELLS:
         return
     sizes = np.array([v[0].size for _, v in cells], dtype=np.int64)
