@@ -220,7 +220,7 @@ ORACLE_LABEL = "oracle top-k simulation, an upper bound"
 
 
 def kernel_installer(result: AuditResult) -> Callable[[Any], AbstractContextManager[Any]]:
-    """An installer that runs ``result``'s kernel plan (``kernel_plan``: each head's block pattern)
+    """An installer that runs ``result``'s kernel plan (``plan[]``: each head's block pattern)
     inside the model with :func:`attn_audit.apply.apply_plan`, and restores the model after.
     Eager FlexAttention: the same kept keys as the compiled kernel, without the compile time."""
 
@@ -239,7 +239,7 @@ def kernel_installer(result: AuditResult) -> Callable[[Any], AbstractContextMana
 
 def has_kernel_plan(result: AuditResult) -> bool:
     """The result plans at least one head onto a kernel pattern."""
-    return any(e.get("pattern") not in (None, "dense") for e in result.data.get("kernel_plan") or [])
+    return (result.data.get("plan_summary") or {}).get("kind") == "kernel" and bool(result.data.get("plan"))
 
 
 def plan_installer(result: AuditResult, n: int) -> tuple[Callable[[Any], AbstractContextManager[Any]], str]:
@@ -301,8 +301,7 @@ def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], conf
     if has_kernel_plan(result):  # the plan a kernel runs, applied to the model
         kernel = quality_under(kernel_installer(result), model, held_out, bs, pad_id, causal)
         result.data["verify"]["kernel"] = {"label": KERNEL_LABEL, **kernel,
-                                           "heads": sum(1 for e in result.data["kernel_plan"]
-                                                        if e.get("pattern") not in (None, "dense"))}
+                                           "heads": len(plan)}
 
 
 def _plain_pass(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int,

@@ -97,10 +97,10 @@ def _measured_streaming(result: AuditResult, records: Mapping[tuple[int, int], M
     """(sink_size, recent_size, loss(record)) from the measured streaming pattern, or None."""
     from attn_audit.rank.kernel import kept_mass_at
 
-    kernel = result.data.get("kernel_plan") or []
+    kernel = result.data.get("plan") if (result.data.get("plan_summary") or {}).get("kind") == "kernel" else None
     first = next(iter(records.values()), {})
     pats = first.get("patterns") if isinstance(first, Mapping) else None
-    if not kernel or not isinstance(pats, Mapping) or "streaming" not in (pats.get("by_pattern") or {}):
+    if kernel is None or not isinstance(pats, Mapping) or "streaming" not in (pats.get("by_pattern") or {}):
         return None
     block = int(pats["block_size"])
     windows = [int(e["window_blocks"]) for e in kernel if e.get("pattern") == "streaming"]

@@ -50,13 +50,13 @@ def shape_hash(info: Mapping[str, Any]) -> str:
 
 def export_flex(result: AuditResult, model_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``flex_plan.json`` content for ``result`` (needs ``heads[].patterns``)."""
-    if "kernel_plan" not in result.data:
+    summary = result.data.get("plan_summary") or {}
+    if summary.get("kind") != "kernel":
         raise ExportError("the audit has no heads[].patterns (audited with --patterns none or an "
                           "older version); re-run the audit to export a flex plan")
     info = model_info or result.model
     shape = validate_against_model(info, result.heads)
-    summary = result.data["kernel_plan_summary"]
-    by_head = {(e["layer"], e["head"]): e for e in result.data["kernel_plan"]}
+    by_head = {(e["layer"], e["head"]): e for e in result.data.get("plan") or []}
     layers = []
     for layer in range(shape.num_layers):
         entry = {}
@@ -72,12 +72,17 @@ def export_flex(result: AuditResult, model_info: Mapping[str, Any] | None = None
                   "family": model.get("family"), "num_layers": shape.num_layers,
                   "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
                   "head_dim": model.get("head_dim"), "causal": model.get("causal")},
-        "block_size": int(summary["block_size"]),
+        "block_size": int(summary["block_size"] or _measured_block(result)),
         "target_len": int(summary["target_len"]),
         "eps": summary["eps_key"],
-        "kernel_flops_saving": summary["kernel_flops_saving"],
+        "kernel_flops_saving": summary["planned_flops_saving"],
         "layers": layers,
     }
+
+
+def _measured_block(result: AuditResult) -> int:
+    """The block size the patterns were measured with (a plan with no planned head has none)."""
+    return int(next(h["patterns"]["block_size"] for h in result.heads if h.get("patterns")))
 
 
 def render(result: AuditResult, model_info: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -61,8 +61,8 @@ def export_minference(
     sinks, window = int(result.run.get("sinks") or 0), int(result.run.get("window") or 0)
     planned = {(int(p["layer"]), int(p["head"])): p for p in result.data["plan"]}
     records = index_heads(result.heads)
-    kernel = {(int(e["layer"]), int(e["head"])): e for e in result.data.get("kernel_plan") or []}
-    if kernel:
+    if summary.get("kind") == "kernel":
+        kernel = planned
         return [{str(h): measured_entry(records[(la, h)], kernel.get((la, h)), summary["eps_key"], n)
                  for h in range(shape.num_heads)} for la in range(shape.num_layers)]
     layers: list[dict[str, list[Any]]] = []

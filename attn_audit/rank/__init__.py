@@ -1,4 +1,4 @@
-"""Rank heads for sparse attention and build a per-head top-k plan (stdlib only).
+"""Rank heads for sparse attention and plan a kernel pattern per head (stdlib only).
 
 Everything here reads the plain :class:`~attn_audit.result.AuditResult`, so ``attn-audit --load``
 can rank, plan and export without torch or the model.
@@ -35,16 +35,22 @@ with ``sinks = run.sinks``, because runtimes keep the sink tokens anyway.
   0.5); C is the head's fitted exponent, else a least-squares fit over the lengths, clamped to
   [0, 1]; alpha is refitted, so only variation *not explained by scaling* counts.
 
+**Kernel plan.** With ``heads[].patterns`` (the default audit) each head's ``saving`` is that of
+its cheapest kernel pattern at ``N`` in whole tiles, estimation included
+(:mod:`attn_audit.rank.kernel`), and the plan keeps the heads whose pattern beats dense tiles;
+the per-row top-k saving above stays as ``oracle_flops_saving``, the bound no kernel beats.
+Without patterns (``--patterns none``) the saving is the oracle's and the plan keeps the heads
+whose ``k ≤ max_kfrac·N`` (``pattern: "top-k"``, an oracle no kernel runs).
+
 **Score** (higher = make sparse first)::
 
     score = w_saving·saving + w_sparsity·(1 − kfrac) + w_stability·stability − Σ_flags penalty(flag)
 
-``saving`` is the head's FLOP saving at ``N`` with budget k, ``kfrac`` its measured
-``kfrac_mean`` at the audited length, ``stability = max(0, 1 − relative CI width)`` (0 when
-no CI). Defaults (:class:`RankWeights`): 0.6, 0.2, 0.2; penalties non-gaussian 0.05,
+``saving`` is the head's FLOP saving at ``N`` (kernel pattern, else top-k at budget k), ``kfrac``
+its measured ``kfrac_mean`` at the audited length, ``stability = max(0, 1 − relative CI width)``
+(0 when no CI). Defaults (:class:`RankWeights`): 0.6, 0.2, 0.2; penalties non-gaussian 0.05,
 sink-saturated 0.05, retrieval-like 0.15, unstable 0.10, unstable-across-lengths 0.15. Ties
-break by (layer, head); heads with no measured row rank last with score 0. The plan keeps the
-heads whose ``k ≤ max_kfrac·N``.
+break by (layer, head); heads with no measured row rank last with score 0.
 
 **KV-head groups and layers** are scored as one head whose k is the **max over its query heads**,
 kfrac the max, stability the worst and flags the union (the ``rule`` field says so): KV-cache

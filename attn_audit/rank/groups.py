@@ -12,6 +12,7 @@ from attn_audit.rank.settings import RISK_FLAGS, _Ctx
 
 GROUP_RULE = (
     "k = max over the group's query heads; kfrac = max; stability = worst; flags = union; "
+    "saving = the smallest member's kernel-pattern saving (oracle top-k at k without patterns); "
     "scored like one head"
 )
 
@@ -26,7 +27,9 @@ def _aggregate(members: list[_Eval], ctx: _Ctx, layer: int, kv_head: int | None)
     agg.kfrac_measured = max(m.kfrac_measured for m in measured)
     agg.stability = min(m.stability for m in measured)
     agg.window = measured[0].window  # one layer: one window
-    agg.saving = flops_saving(ctx.target, agg.k, ctx.causal, agg.window)
+    agg.oracle_saving = flops_saving(ctx.target, agg.k, ctx.causal, agg.window)
+    kernel = [m.saving for m in measured if m.kernel is not None]
+    agg.saving = min(kernel) if kernel else agg.oracle_saving
     flags = {f for m in members for f in m.flags}
     agg.flags = sorted(flags, key=lambda f: (RISK_FLAGS.index(f) if f in RISK_FLAGS else 99, f))
     agg.score = _score(agg, ctx.config.weights)
@@ -51,6 +54,7 @@ def _group_rows(evals: list[_Eval], ctx: _Ctx, by_kv: bool) -> list[dict[str, An
             k=agg.k,
             kfrac=agg.k / ctx.target if agg.measured else None,
             flops_saving=agg.saving,
+            oracle_flops_saving=agg.oracle_saving,
             mean_head_saving=sum(m.saving for m in members) / len(members),
             score=agg.score,
             rank=rank,

@@ -18,7 +18,7 @@ Estimation costs (dynamic patterns, FLOPs per head and sequence): ``block-topk``
 
 :func:`kernel_choice` picks, for one head record with ``patterns`` (see
 :mod:`attn_audit.assemble.patterns`), the cheapest kernel pattern whose measured p90 level meets
-eps, or ``dense``.
+eps, or ``dense``; :mod:`attn_audit.rank.plan` builds the plan from it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 KERNEL_PATTERNS = ("streaming", "block-topk", "vertical-slash")
+BUDGET_KEYS = ("sink_blocks", "window_blocks", "blocks", "vertical_size", "slash_size")
 DYNAMIC = ("block-topk", "vertical-slash")  # chosen from the input, at a cost
 VS_LAST_Q = 64
 
@@ -158,65 +159,21 @@ def budget_fields(pattern: str, level: int, block: int, sinks: int) -> dict[str,
     return {}
 
 
-def add_kernel_plan(result: Any, config: Any = None) -> None:
-    """Fill ``result.data["kernel_plan"]`` (one entry per head, best kernel saving first) and
-    ``kernel_plan_summary`` (kernel saving beside the oracle top-k saving, heads per pattern), and
-    add ``kernel_pattern``, ``block_size``, ``kernel_flops_saving`` and the budget fields to the
-    ``plan[]`` entries. Nothing is added when the audit has no ``heads[].patterns``."""
-    from attn_audit.rank.settings import PlanConfig, _context
-
-    ctx = _context(result, config or PlanConfig())
-    entries = []
-    for rec in result.heads:
-        choice = kernel_choice(rec, ctx.eps_key, ctx.target, ctx.head_dim, ctx.causal, ctx.sinks)
-        if choice is None:
-            return
-        entry = {"layer": rec["layer"], "head": rec["head"], "kv_head": rec.get("kv_head"), **choice}
-        entry["why"] = _why(choice, ctx.eps_key)
-        entries.append(entry)
-    entries.sort(key=lambda e: (-e["flops_saving"], e["layer"], e["head"]))
-    total = len(entries)
-    saving = sum(e["flops_saving"] for e in entries) / total if total else 0.0
-    windows = {(r["layer"], r["head"]): r.get("sliding_window") for r in result.heads}
-    if any(isinstance(w, int) for w in windows.values()):  # local layers cost less: weight by dense tiles
-        dense = {key: pattern_flops(ctx.target, e["block_size"], ctx.head_dim, ctx.causal, "dense", 0,
-                                    window=windows[key])
-                 for key, e in ((( e["layer"], e["head"]), e) for e in entries)}
-        total_dense = sum(dense.values())
-        saving = (sum(e["flops_saving"] * dense[(e["layer"], e["head"])] for e in entries) / total_dense
-                  if total_dense else 0.0)
-    counts: dict[str, int] = {}
-    for e in entries:
-        counts[e["pattern"]] = counts.get(e["pattern"], 0) + 1
-    oracle = (result.data.get("plan_summary") or {}).get("planned_flops_saving")
-    result.data["kernel_plan"] = entries
-    result.data["kernel_plan_summary"] = {
-        "target_len": ctx.target, "eps_key": ctx.eps_key, "block_size": entries[0]["block_size"] if entries else None,
-        "heads_total": total, "heads_by_pattern": counts, "kernel_flops_saving": saving,
-        "oracle_flops_saving": oracle,
-        "text": (f"Running each head's cheapest kernel pattern at {ctx.target} tokens (eps={ctx.eps_key}, "
-                 f"whole tiles, estimation included) saves {saving:.1%} of the attention FLOPs; the "
-                 f"per-row top-k oracle bound is {oracle:.1%}." if oracle is not None else ""),
-    }
-    by_head = {(e["layer"], e["head"]): e for e in entries}
-    for p in result.data.get("plan") or []:
-        e = by_head.get((p["layer"], p["head"]))
-        if e is not None:
-            p["kernel_pattern"] = e["pattern"]
-            p["block_size"] = e["block_size"]
-            p["kernel_flops_saving"] = e["flops_saving"]
-            p.update({k: e[k] for k in ("sink_blocks", "window_blocks", "blocks", "vertical_size", "slash_size")
-                      if k in e})
-
-
-def _why(choice: Mapping[str, Any], eps_key: str) -> str:
-    c = choice["candidates"]
-    if choice["pattern"] == "dense":
-        if not c:
-            return "no pattern measured"
-        return f"no pattern keeps 1-{eps_key} below dense tiles"
-    best = c[choice["pattern"]]
-    return f"1-{eps_key} in 90% of rows at {1 - best['flops_saving']:.0%} of dense tiles"
+def budget_text(entry: Mapping[str, Any]) -> str:
+    """A pattern's budget in a few characters: ``sink+2 blk``, ``4 blk``, ``v128 s128``, ``k=12``."""
+    p = entry.get("pattern")
+    if p == "streaming":
+        w = int(entry.get("window_blocks") or 0)
+        if w == 0:
+            return "sink only" if entry.get("sink_blocks") else "none"
+        return ("sink+" if entry.get("sink_blocks") else "") + f"{w} blk"
+    if p == "block-topk":
+        return f"{entry.get('blocks')} blk"
+    if p == "vertical-slash":
+        return f"v{entry.get('vertical_size')} s{entry.get('slash_size')}"
+    if p == "top-k":
+        return f"k={entry.get('k')}"
+    return "-"
 
 
 def measured_level(rec: Mapping[str, Any], pattern: str, eps_key: str, target: int) -> tuple[int, float | None] | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from attn_audit.rank.budget import _budget, _unstable_across_lengths
 from attn_audit.rank.flops import flops_saving
+from attn_audit.rank.kernel import budget_text, kernel_choice
 from attn_audit.rank.head_facts import (
     _num,
     distant_mass,
@@ -36,7 +37,9 @@ class _Eval:
     k_audit: float = 0.0  # k_p90 at the audited length
     basis: str = ""
     kfrac_measured: float = 1.0
-    saving: float = 0.0
+    saving: float = 0.0  # the planned pattern's saving: kernel when measured, else oracle top-k
+    oracle_saving: float = 0.0  # per-row top-k at budget k: the bound no kernel beats
+    kernel: dict[str, Any] | None = None  # kernel_choice(): the cheapest kernel pattern, or None
     window: int | None = None  # the layer's causal sliding window (heads[].sliding_window)
     stability: float = 0.0
     ci_half: float | None = None
@@ -54,7 +57,9 @@ def _evaluate(head: Mapping[str, Any], ctx: _Ctx) -> _Eval:
     ev.k, ev.k_audit, ev.basis = _budget(head, ctx)
     window = head.get("sliding_window")
     ev.window = int(window) if isinstance(window, int) and window > 0 else None
-    ev.saving = flops_saving(ctx.target, ev.k, ctx.causal, ev.window)
+    ev.oracle_saving = flops_saving(ctx.target, ev.k, ctx.causal, ev.window)
+    ev.kernel = kernel_choice(head, ctx.eps_key, ctx.target, ctx.head_dim, ctx.causal, ctx.sinks)
+    ev.saving = ev.oracle_saving if ev.kernel is None else float(ev.kernel["flops_saving"])
     kfrac = _num(block.get("kfrac_mean"))
     ev.kfrac_measured = min(1.0, max(0.0, kfrac if kfrac is not None else ev.k_audit / ctx.n))
     ci = (block.get("ci") or {}).get("kfrac_mean")
@@ -105,17 +110,31 @@ def _evaluate_all(result: AuditResult, config: PlanConfig) -> tuple[_Ctx, list[_
 
 
 def _planned(ev: _Eval, ctx: _Ctx) -> bool:
+    """Kernel plan: the head's cheapest pattern beats dense tiles. Oracle plan (no patterns
+    measured): its top-k budget is within ``max_kfrac`` of the keys."""
+    if not ev.measured:
+        return False
+    if ev.kernel is not None:
+        return ev.kernel["pattern"] != "dense"
+    return _oracle_planned(ev, ctx)
+
+
+def _oracle_planned(ev: _Eval, ctx: _Ctx) -> bool:
+    """The per-row top-k oracle plan keeps the head (the bound reported beside a kernel plan)."""
     return ev.measured and ev.k <= ctx.config.max_kfrac * ctx.target
 
 
 def _reason(ev: _Eval, ctx: _Ctx) -> str:
     if not ev.measured:
         return f"no row measured at eps={ctx.eps_key}; not planned"
-    parts = [
+    oracle = (
         f"keeps {ev.k} of {ctx.target} keys ({ev.k / ctx.target:.0%}) for eps={ctx.eps_key} in 90% "
-        f"of rows ({ev.basis}, {ctx.sinks} sink(s) added)",
-        f"saves {ev.saving:.0%} of its attention FLOPs at {ctx.target}",
-    ]
+        f"of rows ({ev.basis}, {ctx.sinks} sink(s) added)"
+    )
+    if ev.kernel is None:
+        parts = [oracle, f"saves {ev.saving:.0%} of its attention FLOPs at {ctx.target}"]
+    else:
+        parts = [_kernel_reason(ev.kernel, ctx), f"oracle top-k {oracle} (saves {ev.oracle_saving:.0%})"]
     if ev.ci_half is None:
         parts.append("stability unknown (no CI)")
     else:
@@ -124,7 +143,18 @@ def _reason(ev: _Eval, ctx: _Ctx) -> str:
     parts.append(f"flags: {', '.join(ev.flags) or 'none'}")
     if not _planned(ev, ctx):
         parts.append(
-            f"not planned: needs {ev.k / ctx.target:.1%} of keys "
-            f"> max_kfrac {ctx.config.max_kfrac:.0%}"
+            "not planned: no kernel pattern computes fewer tiles than dense"
+            if ev.kernel is not None
+            else f"not planned: needs {ev.k / ctx.target:.1%} of keys > max_kfrac {ctx.config.max_kfrac:.0%}"
         )
     return "; ".join(parts)
+
+
+def _kernel_reason(choice: Mapping[str, Any], ctx: _Ctx) -> str:
+    """Why a head runs its kernel pattern (or stays dense), in one clause."""
+    if choice["pattern"] == "dense":
+        return (f"stays dense: no pattern measured at eps={ctx.eps_key}" if not choice["candidates"]
+                else f"stays dense: every pattern needs dense tiles for 1-{ctx.eps_key} in 90% of rows")
+    return (f"runs {choice['pattern']} ({budget_text(choice)}, block {choice['block_size']}): "
+            f"1-{ctx.eps_key} of the mass in 90% of rows, saves {choice['flops_saving']:.0%} of its "
+            f"attention FLOPs at {ctx.target} in whole tiles, estimation included")

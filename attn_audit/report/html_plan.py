@@ -74,10 +74,12 @@ def plan_section(page: Page) -> str:
     result = page.result
     inner = _plan_intro(result)
     plan = result.data.get("plan") or []
-    if plan:
+    kernel = _kernel_block(result)
+    if kernel:
+        inner += kernel
+    elif plan:
         inner += _plan_table(plan)
-    title = "Sparse-attention plan" if plan else "Ranked heads (no plan ran)"
-    inner += _kernel_block(result)
+    title = "Sparse-attention plan" if plan or kernel else "Ranked heads (no plan ran)"
     if plan:
         inner += "<h3>All heads, ranked</h3>"
     inner += _ranking_table(page)
@@ -85,11 +87,11 @@ def plan_section(page: Page) -> str:
 
 
 def _kernel_block(result: AuditResult) -> str:
-    """The kernel plan: its summary, the oracle-against-kernel saving plot and every head's
+    """The kernel plan: the oracle-against-kernel saving plot of every head and the planned heads'
     pattern, budget and why (nothing for audits without ``heads[].patterns``)."""
     from attn_audit.report.kernel import KERNEL_HEADER, kernel_rows, savings_figure
 
-    got = kernel_rows(result, len(result.data.get("kernel_plan") or []))
+    got = kernel_rows(result, len(result.data.get("plan") or []))
     if got is None:
         return ""
     title, rows = got
@@ -99,7 +101,7 @@ def _kernel_block(result: AuditResult) -> str:
                  td(r[5]), td(r[6]), reason_td(r[7], full=True)]
         body.append("<tr>" + "".join(cells) + "</tr>")
     header = [(h, h in ("#", "kv", "kernel saved", "oracle saved")) for h in KERNEL_HEADER]
-    return (f"<h3>Kernel plan</h3><p>{e(title)}.</p>"
+    return (f"<p>{e(title)}.</p>"
             + f'<figure class="plot">{savings_figure(result, "kernel-savings")}</figure>'
             + table("kernel-table", header, body, f"{len(rows)} heads; click a column to sort."))
 

@@ -1,48 +1,39 @@
-"""The kernel plan in the reports: per head the pattern chosen, its budget and why, and the
+"""The kernel plan in the reports: per planned head the pattern chosen, its budget and why, and the
 kernel saving beside the per-row top-k oracle bound (no torch)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from attn_audit.rank.kernel import budget_text
 from attn_audit.result import AuditResult
 
 
-def budget_text(entry: dict[str, Any]) -> str:
-    """A pattern's budget in a few characters: ``sink+2 blk``, ``4 blk``, ``v128 s128``."""
-    p = entry.get("pattern")
-    if p == "streaming":
-        w = int(entry.get("window_blocks") or 0)
-        if w == 0:
-            return "sink only" if entry.get("sink_blocks") else "none"
-        return ("sink+" if entry.get("sink_blocks") else "") + f"{w} blk"
-    if p == "block-topk":
-        return f"{entry.get('blocks')} blk"
-    if p == "vertical-slash":
-        return f"v{entry.get('vertical_size')} s{entry.get('slash_size')}"
-    return "-"
+def is_kernel_plan(result: AuditResult) -> bool:
+    """The plan runs kernel patterns (the audit measured ``heads[].patterns``)."""
+    return (result.data.get("plan_summary") or {}).get("kind") == "kernel"
 
 
 def kernel_rows(result: AuditResult, top: int) -> tuple[str, list[list[str]]] | None:
     """(title, rows of [#, head, kv, pattern, budget, kernel saved, oracle saved, why]) for the
-    ``top`` heads by kernel saving; None when the audit has no kernel plan."""
-    entries = result.data.get("kernel_plan")
-    summary = result.data.get("kernel_plan_summary")
-    if not entries or not summary:
+    first ``top`` planned heads, in plan order; None when the plan is not a kernel plan."""
+    if not is_kernel_plan(result):
         return None
-    oracle = {(p["layer"], p["head"]): p.get("flops_saving") for p in result.data.get("plan") or []}
+    summary = result.data["plan_summary"]
+    plan = result.data.get("plan") or []
     rows = []
-    for i, e in enumerate(entries[:top], start=1):
-        o = oracle.get((e["layer"], e["head"]))
+    for i, e in enumerate(plan[:top], start=1):
+        o = e.get("oracle_flops_saving")
         rows.append([str(i), f"L{e['layer']}.H{e['head']}", str(e.get("kv_head", "")), e["pattern"],
                      budget_text(e), f"{e['flops_saving']:.0%}", "-" if o is None else f"{o:.0%}",
-                     str(e.get("why", ""))])
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["heads_by_pattern"].items()))
+                     str(e.get("reason", ""))])
+    counts = ", ".join(f"{k} {v}" for k, v in sorted((summary.get("heads_by_pattern") or {}).items()))
     oracle_all = summary.get("oracle_flops_saving")
-    title = (f"Kernel plan at {summary['target_len']} tokens, block {summary['block_size']} "
-             f"(eps={summary['eps_key']}): saves {summary['kernel_flops_saving']:.1%} of attention FLOPs"
-             + (f" vs {oracle_all:.1%} for the per-row top-k oracle" if oracle_all is not None else "")
-             + f"; heads: {counts}")
+    title = (f"Kernel plan at {summary['target_len']} tokens, block {summary.get('block_size')} "
+             f"(eps={summary['eps_key']}): {len(plan)} of {summary.get('heads_total')} heads"
+             + (f" ({counts})" if counts else "")
+             + f", top {min(top, len(plan))} shown; saves {summary['planned_flops_saving']:.1%} of attention FLOPs"
+             + (f" vs {oracle_all:.1%} for the per-row top-k oracle bound" if oracle_all is not None else ""))
     return title, rows
 
 
@@ -53,12 +44,14 @@ PATTERN_COLOURS = {"streaming": "#1b9e77", "block-topk": "#d95f02", "vertical-sl
 
 
 def savings_points(result: AuditResult) -> dict[str, list[tuple[float, float]]]:
-    """Per kernel pattern, (oracle top-k saving, kernel saving) of each head (oracle 0 when the
-    top-k plan leaves the head dense)."""
-    oracle = {(p["layer"], p["head"]): float(p.get("flops_saving") or 0.0) for p in result.data.get("plan") or []}
+    """Per kernel pattern (``dense`` for heads the plan leaves dense), (oracle top-k saving, kernel
+    saving) of each measured head, from the ranking."""
     out: dict[str, list[tuple[float, float]]] = {}
-    for e in result.data.get("kernel_plan") or []:
-        out.setdefault(e["pattern"], []).append((oracle.get((e["layer"], e["head"]), 0.0), float(e["flops_saving"])))
+    for e in result.ranking:
+        if e.get("pattern") is None or e.get("oracle_flops_saving") is None:
+            continue
+        name = e["pattern"] if e.get("planned") else "dense"
+        out.setdefault(name, []).append((float(e["oracle_flops_saving"]), float(e["flops_saving"]) if e.get("planned") else 0.0))
     return out
 
 

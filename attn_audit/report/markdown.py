@@ -115,6 +115,9 @@ def _kernel_lines(result: AuditResult, top: int) -> list[str]:
 
 def _plan_rows(result: AuditResult, top: int) -> tuple[str, list[str]]:
     plan = result.data.get("plan") or []
+    kernel = _kernel_lines(result, top)
+    if kernel:
+        return kernel[0], kernel[2:]
     if plan:
         title = f"#### Sparse-attention plan: top {min(top, len(plan))} of {len(plan)} heads"
         rows = [
@@ -233,7 +236,6 @@ class MarkdownRenderer:
         ]
         title, table = _plan_rows(result, top)
         lines += [title, "", *table, ""]
-        lines += _kernel_lines(result, top)
         lines += [*_checks(result), ""]
         speed = speed_lines(result)
         if speed:

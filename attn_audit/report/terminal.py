@@ -133,6 +133,9 @@ def _new_table(title: str, columns: list[tuple[str, JustifyMethod]]) -> Table:
 def _ranked_table(result: AuditResult, top: int) -> Table:
     eps = result.primary_eps_key
     plan = result.data.get("plan") or []
+    kernel = _kernel_table(result, top)
+    if kernel is not None:
+        return kernel
     if plan:
         table = _new_table(
             f"Sparse-attention plan (top {min(top, len(plan))} of {len(plan)})",
@@ -202,17 +205,18 @@ def _ranked_table(result: AuditResult, top: int) -> Table:
 
 
 def _kernel_table(result: AuditResult, top: int) -> Table | None:
-    """The kernel plan's top heads: pattern and budget instead of a truncated reason."""
+    """The kernel plan's top heads: pattern, budget, kernel and oracle savings (no reason: the
+    budget says what the head runs; the reports carry the reasons)."""
     from attn_audit.report.kernel import KERNEL_HEADER, kernel_rows
 
     got = kernel_rows(result, top)
     if got is None:
         return None
     title, rows = got
-    just: list[JustifyMethod] = ["right", "left", "right", "left", "left", "right", "right", "left"]
-    table = _new_table(title, list(zip(KERNEL_HEADER, just)))
+    just: list[JustifyMethod] = ["right", "left", "right", "left", "left", "right", "right"]
+    table = _new_table(title, list(zip(KERNEL_HEADER[:-1], just)))
     for row in rows:
-        table.add_row(*_cells(*row[:-1], short_reason(row[-1], 60)))
+        table.add_row(*_cells(*row[:-1]))
     return table
 
 
@@ -324,9 +328,6 @@ def render_to_console(result: AuditResult, console: Console, top: int = DEFAULT_
         Text(""),
         _maps(result, console.width),
     ]
-    kernel = _kernel_table(result, top)
-    if kernel is not None:
-        parts[3:3] = [Text(""), kernel]
     failed = _failed(result)
     if failed is not None:
         parts += [Text(""), failed]

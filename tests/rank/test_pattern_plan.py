@@ -49,18 +49,51 @@ def test_tiles_count_whole_blocks() -> None:
 
 def test_kernel_plan_picks_the_cheapest_pattern_meeting_eps() -> None:
     r = _result()
-    kp = {(e["layer"], e["head"]): e for e in r.data["kernel_plan"]}
-    assert kp[(0, 0)]["pattern"] == "streaming" and kp[(0, 0)]["window_blocks"] == 1
-    assert kp[(1, 2)]["pattern"] == "vertical-slash" and kp[(1, 2)]["vertical_size"] == 64
-    assert kp[(1, 3)]["pattern"] == "dense"
-    assert kp[(0, 0)]["flops_saving"] == pytest.approx(1 - 7 / 10)
-    s = r.data["kernel_plan_summary"]
-    assert s["heads_by_pattern"] == {"streaming": 2, "vertical-slash": 1, "dense": 5}
-    assert s["oracle_flops_saving"] == r.data["plan_summary"]["planned_flops_saving"]
-    assert s["kernel_flops_saving"] == pytest.approx(sum(e["flops_saving"] for e in kp.values()) / 8)
-    planned = {(p["layer"], p["head"]): p for p in r.data["plan"]}
-    for key, p in planned.items():
-        assert p["kernel_pattern"] == kp[key]["pattern"] and p["pattern"] == "top-k"
+    plan = {(e["layer"], e["head"]): e for e in r.data["plan"]}
+    assert set(plan) == {(0, 0), (0, 1), (1, 2)}  # the others need dense tiles: left out, with why
+    assert plan[(0, 0)]["pattern"] == "streaming" and plan[(0, 0)]["window_blocks"] == 1
+    assert plan[(0, 0)]["block_size"] == 64 and plan[(0, 0)]["sink_blocks"] == 1
+    assert plan[(1, 2)]["pattern"] == "vertical-slash" and plan[(1, 2)]["vertical_size"] == 64
+    assert plan[(0, 0)]["flops_saving"] == pytest.approx(1 - 7 / 10)
+    # vertical-slash pays for its estimate: 64 last queries x 256 keys x 2d
+    d = int(r.model["head_dim"])
+    est = 2 * d * 64 * 256
+    assert plan[(1, 2)]["estimate_flops"] == est
+    assert plan[(1, 2)]["flops_saving"] == pytest.approx(1 - (7 * 4 * d * 64 * 64 + est) / (10 * 4 * d * 64 * 64))
+    s = r.data["plan_summary"]
+    assert s["kind"] == "kernel" and s["heads_planned"] == 3 and s["block_size"] == 64
+    assert s["heads_by_pattern"] == {"streaming": 2, "vertical-slash": 1}
+    assert s["planned_flops_saving"] == pytest.approx(sum(e["flops_saving"] for e in plan.values()) / 8)
+    assert {(x["layer"], x["head"]) for x in s["excluded"]} == {(0, 2), (0, 3), (1, 0), (1, 1), (1, 3)}
+    assert all(x["why"].startswith("stays dense") for x in s["excluded"])
+    # the oracle bound stays beside it: the per-row top-k plan of the same audit
+    oracle = make_result(num_layers=2, num_heads=4, num_kv_heads=2)
+    rank_and_plan(oracle)
+    assert oracle.data["plan_summary"]["kind"] == "oracle-top-k"
+    assert s["oracle_flops_saving"] == pytest.approx(oracle.data["plan_summary"]["planned_flops_saving"])
+    assert s["oracle_flops_saving"] > s["planned_flops_saving"]
+    for e in plan.values():  # (synthetic patterns: no order between the two savings per head)
+        assert e["k"] >= 1 and 0 <= e["oracle_flops_saving"] <= 1
+
+
+def test_ranking_uses_kernel_flops_not_oracle_flops() -> None:
+    """Two heads equal in everything but their patterns: the one whose kernel saves more ranks
+    first, whatever their oracle top-k; plan order is the ranking's order."""
+    r = make_result(num_layers=1, num_heads=2, num_kv_heads=2)
+    a = r.heads[0]
+    b = json.loads(json.dumps(a)) | {"head": 1, "kv_head": 1}
+    r.heads[1] = b
+    a["patterns"] = _patterns({"streaming": 2, "block-topk": 4, "vertical-slash": 4})
+    b["patterns"] = _patterns({"streaming": 1, "block-topk": 4, "vertical-slash": 4})
+    a["sparsity"]["0.05"]["k_p90"] = 2  # a: the sparser head for the oracle
+    b["sparsity"]["0.05"]["k_p90"] = 40
+    rank_and_plan(r)
+    ranking = r.data["ranking"]
+    assert [e["head"] for e in ranking] == [1, 0]
+    assert ranking[1]["oracle_flops_saving"] > ranking[0]["oracle_flops_saving"]
+    assert ranking[0]["flops_saving"] > ranking[1]["flops_saving"]
+    assert [e["head"] for e in r.data["plan"]] == [1, 0]
+    assert [e["pattern"] for e in r.data["plan"]] == ["streaming", "streaming"]
 
 
 def test_exports_follow_measured_patterns(tmp_path: Path) -> None:
@@ -84,17 +117,18 @@ def test_reports_show_kernel_pattern_and_both_savings() -> None:
     from attn_audit.report import render
 
     r = _result()
-    s = r.data["kernel_plan_summary"]
-    for fmt in ("terminal", "md"):
+    s = r.data["plan_summary"]
+    for fmt in ("terminal", "md", "html"):
         out = render(r, fmt)
         assert "Kernel plan at 256 tokens, block 64" in out
-        assert f"{s['kernel_flops_saving']:.1%}" in out and f"{s['oracle_flops_saving']:.1%}" in out
+        assert f"{s['planned_flops_saving']:.1%}" in out and f"{s['oracle_flops_saving']:.1%}" in out
         assert "sink+1 blk" in out and "v64 s64" in out
     html = render(r, "html")
-    assert "<h3>Kernel plan</h3>" in html and 'aria-label="oracle against kernel saving per head"' in html
+    assert 'aria-label="oracle against kernel saving per head"' in html
+    assert "stays dense: every pattern needs dense tiles" in html  # why the others stay dense
     bare = make_result(num_layers=2, num_heads=4, num_kv_heads=2)
     rank_and_plan(bare)
-    assert "kernel_plan" not in bare.data and "Kernel plan" not in render(bare, "md")
+    assert bare.data["plan_summary"]["kind"] == "oracle-top-k" and "Kernel plan" not in render(bare, "md")
 
 
 @pytest.mark.parametrize("args,needle", [
