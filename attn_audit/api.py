@@ -115,10 +115,12 @@ def audit(
         result.data["verify"] = {"skipped_reason": "attention computed outside the interface: the plan cannot be "
                                  "applied inside the model"}
     elif config.verify:
-        from attn_audit.verify import verify_plan
+        from attn_audit.verify import has_kernel_plan, search_plan, verify_plan
 
         verify_plan(model, result, all_data[-1].held_out, config, pad)
-        _retrieval(model, tokenizer, result, all_data, config, info)
+        passkeys = _retrieval(model, tokenizer, result, all_data, config, info)
+        if has_kernel_plan(result):
+            search_plan(model, result, all_data[-1].held_out, config, pad, passkeys)
         if config.measure_speed:
             _speed(result, config, info)
 
@@ -162,32 +164,35 @@ def _retrieval_lens(result: AuditResult, config: AuditConfig, info: dict[str, An
 
 
 def _retrieval(model: Any, tokenizer: Any, result: AuditResult, all_data: list[TokenData], config: AuditConfig,
-               info: dict[str, Any]) -> None:
-    """``verify.retrieval``: passkey accuracy, dense and with the plan installed (causal LMs only)."""
+               info: dict[str, Any]) -> Any:
+    """``verify.retrieval``: passkey accuracy, dense and with the plan installed (causal LMs only).
+    Returns the prompts with their dense outcomes (a ``RetrievalProbe``) for the plan search, or
+    None where the check did not run."""
     verify = result.data.get("verify")
     if not isinstance(verify, dict) or config.retrieval_samples == 0:
-        return
+        return None
     if not info["causal"]:
         verify["retrieval"] = {"skipped_reason": "an encoder does not generate, so there is no passkey to ask for"}
-        return
+        return None
     if all_data[-1].kind != "text":
         verify["retrieval"] = {"skipped_reason": "pre-tokenized data: no text stream to hide a passkey in"}
-        return
-    from attn_audit.predeploy import retrieval_check
+        return None
+    from attn_audit.predeploy.retrieval import prepare_retrieval
     from attn_audit.verify import plan_installer
 
     lengths = _retrieval_lens(result, config, info)
-    filler = _filler(all_data)
     label = plan_installer(result, lengths[0])[1]
     try:
-        verify["retrieval"] = retrieval_check(model, tokenizer, filler, lengths, config.retrieval_samples,
-                                              lambda n: plan_installer(result, n)[0], label=label,
-                                              seed=config.seed, batch_size=config.batch_size)
+        probe = prepare_retrieval(model, tokenizer, _filler(all_data), lengths, config.retrieval_samples,
+                                  seed=config.seed, batch_size=config.batch_size)
     except ValueError as exc:  # a length too short to hold the instruction, the key and the question
         if config.retrieval_lens:
             raise ConfigError(f"--retrieval-len: {exc}; use a longer length") from None
         verify["retrieval"] = {"skipped_reason": f"the target length is too short for a passkey prompt ({exc}); "
                                                  "give --retrieval-len"}
+        return None
+    verify["retrieval"] = probe.check(model, lambda n: plan_installer(result, n)[0], label)
+    return probe
 
 
 def load_audit(path: str, *, target_len: int | None = None) -> AuditResult:

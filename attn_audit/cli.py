@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--target-len", type=int, help="deployment context length for FLOPs savings (default: the longest --seq-len)")
     pl.add_argument("--verify", action="store_true", help="simulate the plan inside the model on held-out sequences")
     pl.add_argument("--max-ppl-increase", type=float, default=0.01, help="quality budget for growing the plan (default 0.01 = 1%%)")
+    pl.add_argument("--max-retrieval-drop", type=float, default=0.0,
+                    help="passkeys the largest plan may lose, as a share of those the dense model finds (default 0)")
     pl.add_argument("--verify-sequences", type=int, default=4, help="held-out sequences for --verify (default 4)")
     pl.add_argument("--retrieval-samples", type=int, default=4,
                     help="passkey prompts per length and depth for --verify's retrieval check (default 4; 0 = off)")
@@ -163,6 +165,7 @@ def _config(ns: argparse.Namespace) -> Any:
         target_len=ns.target_len,
         verify=ns.verify,
         max_ppl_increase=ns.max_ppl_increase,
+        max_retrieval_drop=ns.max_retrieval_drop,
         verify_sequences=ns.verify_sequences,
         retrieval_samples=ns.retrieval_samples,
         retrieval_lens=parse_int_list(ns.retrieval_len, "--retrieval-len") if ns.retrieval_len else (),

@@ -136,6 +136,7 @@ class AuditConfig:
     target_len: int | None = None
     verify: bool = False
     max_ppl_increase: float = 0.01
+    max_retrieval_drop: float = 0.0
     verify_sequences: int = 4
     retrieval_samples: int = 4
     retrieval_lens: tuple[int, ...] = ()
@@ -170,6 +171,9 @@ class AuditConfig:
         ppl = self.max_ppl_increase
         if isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not 0.0 < ppl < 10.0:
             raise ConfigError(f"--max-ppl-increase {ppl} must be a number in (0, 10)")
+        drop = self.max_retrieval_drop
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
+            raise ConfigError(f"--max-retrieval-drop {drop} must be a share of passkeys in [0, 1]")
         if not isinstance(self.device, str):
             raise ConfigError(f"--device {self.device!r} is not one of cpu, cuda, cuda:N, auto")
         for ok, msg in [

@@ -164,20 +164,20 @@ def _cost(metrics: dict[str, float], causal: bool) -> float:
     return metrics["ppl_ratio"] - 1.0 if causal else 1.0 - metrics["hidden_cosine"]
 
 
-def _largest_prefix(probe: Callable[[int], dict[str, float]], full: dict[str, float], heads: int, causal: bool,
-                    max_increase: float) -> tuple[int, dict[int, dict[str, float]]]:
-    """The largest number of plan heads (a prefix of the ranking) whose cost stays within ``max_increase``,
-    found by bisection, and the metrics of every prefix size probed.
+def _largest_prefix(probe: Callable[[int], dict[str, Any]], full: dict[str, Any], heads: int,
+                    ok: Callable[[dict[str, Any]], bool]) -> tuple[int, dict[int, dict[str, Any]]]:
+    """The largest number of plan heads (a prefix of the ranking) whose metrics are ``ok``, found
+    by bisection, and the metrics of every prefix size probed.
 
     ``probe(m)`` measures the model with the first ``m`` heads sparse; ``full`` is ``probe(heads)``.
     """
     lo, hi = 0, heads
     probes = {heads: full}
-    if heads and _cost(full, causal) > max_increase:
+    if heads and not ok(full):
         while hi - lo > 1:
             mid = (lo + hi) // 2
             probes[mid] = probe(mid)
-            if _cost(probes[mid], causal) <= max_increase:
+            if ok(probes[mid]):
                 lo = mid
             else:
                 hi = mid
@@ -219,16 +219,20 @@ KERNEL_LABEL = "kernel patterns run by FlexAttention (apply_plan)"
 ORACLE_LABEL = "oracle top-k simulation, an upper bound"
 
 
-def kernel_installer(result: AuditResult) -> Callable[[Any], AbstractContextManager[Any]]:
-    """An installer that runs ``result``'s kernel plan (``plan[]``: each head's block pattern)
-    inside the model with :func:`attn_audit.apply.apply_plan`, and restores the model after.
-    Eager FlexAttention: the same kept keys as the compiled kernel, without the compile time."""
+def kernel_installer(result: AuditResult, heads: int | None = None) -> Callable[[Any], AbstractContextManager[Any]]:
+    """An installer that runs ``result``'s kernel plan (``plan[]``: each head's block pattern; with
+    ``heads``, only its first ``heads`` entries) inside the model with
+    :func:`attn_audit.apply.apply_plan`, and restores the model after. Eager FlexAttention: the
+    same kept keys as the compiled kernel, without the compile time."""
+    from attn_audit.export.flex import flex_plan_of
+
+    plan = flex_plan_of(result, heads)
 
     @contextmanager
     def install(model: Any) -> Iterator[None]:
         from attn_audit.apply import apply_plan, remove_plan
 
-        apply_plan(model, result, compile=False)
+        apply_plan(model, plan, compile=False)
         try:
             yield
         finally:
@@ -279,8 +283,6 @@ def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], conf
 
     full = probe(len(order)) if order else ({"ppl_ratio": 1.0, "top1_agreement": 1.0} if causal else {"hidden_cosine": 1.0})
     window = probe(len(order), "sink-window") if order else None
-    best, probes = _largest_prefix(probe, full, len(order), causal, config.max_ppl_increase)
-    saving = sum(float(e.get("flops_saving_model") or 0.0) for e in plan[:best])
     heads = _head_errors(dense_app, budgets)
     result.data["verify"] = {
         "pattern": "top-k (exact per row, renormalised)",
@@ -292,16 +294,62 @@ def verify_plan(model: Any, result: AuditResult, held_out: list[list[int]], conf
         "heads": heads,
         "max_ppl_increase": config.max_ppl_increase,
         "quality_metric": "ppl_ratio - 1" if causal else "1 - hidden_cosine",
-        "largest_plan_heads": best,
-        "largest_plan_flops_saving": saving,
-        "largest_plan": probes.get(best),
-        "method": "bisection over plan prefixes (greedy growth down the ranking)",
         "label": ORACLE_LABEL,
     }
-    if has_kernel_plan(result):  # the plan a kernel runs, applied to the model
+    if has_kernel_plan(result):  # the plan a kernel runs, applied to the model; searched by search_plan
         kernel = quality_under(kernel_installer(result), model, held_out, bs, pad_id, causal)
-        result.data["verify"]["kernel"] = {"label": KERNEL_LABEL, **kernel,
-                                           "heads": len(plan)}
+        result.data["verify"]["kernel"] = {"label": KERNEL_LABEL, **kernel, "heads": len(plan)}
+        return
+    best, probes = _largest_prefix(probe, full, len(order),
+                                   lambda m: _cost(m, causal) <= config.max_ppl_increase)
+    result.data["verify"].update(
+        largest_plan_heads=best,
+        largest_plan_flops_saving=sum(float(e.get("flops_saving_model") or 0.0) for e in plan[:best]),
+        largest_plan=probes.get(best),
+        method="bisection over prefixes of the oracle top-k plan (greedy growth down the ranking)",
+    )
+
+
+def search_plan(model: Any, result: AuditResult, held_out: list[list[int]], config: AuditConfig, pad_id: int,
+                retrieval: Any = None) -> None:
+    """The largest prefix of the kernel plan (in ranking order) that, applied in the model with
+    FlexAttention, keeps the held-out quality cost within ``--max-ppl-increase`` and loses at most
+    ``--max-retrieval-drop`` of the passkeys the dense model finds (``retrieval``: a
+    :class:`~attn_audit.predeploy.retrieval.RetrievalProbe`, or None to judge by quality alone).
+    Bisection over prefix sizes; fills ``verify.largest_plan*`` and ``verify.search``."""
+    verify = result.data["verify"]
+    plan = result.data.get("plan") or []
+    causal = bool(result.model["causal"])
+    bs = config.batch_size
+    dense, masks = _plain_pass(model, held_out, bs, pad_id, causal)
+
+    def probe(m: int) -> dict[str, Any]:
+        with kernel_installer(result, m)(model):
+            sparse, _ = _plain_pass(model, held_out, bs, pad_id, causal)
+        metrics: dict[str, Any] = _compare(dense, sparse, masks, held_out, causal)
+        if retrieval is not None:
+            metrics["retrieval_drop"] = retrieval.drop(model, lambda n: kernel_installer(result, m))
+        return metrics
+
+    def ok(metrics: dict[str, Any]) -> bool:
+        drop = metrics.get("retrieval_drop")
+        return _cost(metrics, causal) <= config.max_ppl_increase and (
+            drop is None or drop <= config.max_retrieval_drop + 1e-12)
+
+    kernel = {k: v for k, v in verify["kernel"].items() if k not in ("label", "heads")}
+    full_retrieval = verify.get("retrieval") or {}
+    if retrieval is not None:
+        kernel["retrieval_drop"] = full_retrieval.get("drop")
+    best, probes = _largest_prefix(probe, kernel, len(plan), ok)
+    verify.update(
+        largest_plan_heads=best,
+        largest_plan_flops_saving=sum(float(e.get("flops_saving_model") or 0.0) for e in plan[:best]),
+        largest_plan=probes.get(best),
+        max_retrieval_drop=config.max_retrieval_drop if retrieval is not None else None,
+        method=("bisection over prefixes of the kernel plan applied with FlexAttention (greedy growth down "
+                "the ranking): held-out quality" + (" and passkeys" if retrieval is not None else "")),
+        search=[{"heads": m, **probes[m]} for m in sorted(probes)],
+    )
 
 
 def _plain_pass(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int,

@@ -297,6 +297,13 @@ def _add_optional(
             "max_ppl_increase": 0.02,
             "largest_plan_heads": max(1, len(heads) // 3),
             "largest_plan_flops_saving": 0.25,
+            "max_retrieval_drop": 0.0,
+            "method": "bisection over prefixes of the kernel plan",
+            "search": [
+                {"heads": max(1, len(heads) // 3), "ppl_ratio": 1.004, "top1_agreement": 0.99, "retrieval_drop": 0.0},
+                {"heads": max(1, len(heads) // 3) + 1, "ppl_ratio": 1.006, "top1_agreement": 0.99,
+                 "retrieval_drop": 0.25},
+            ],
         }
     if gate is not None:
         ok = gate == "pass"

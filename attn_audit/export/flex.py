@@ -48,15 +48,17 @@ def shape_hash(info: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def export_flex(result: AuditResult, model_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``flex_plan.json`` content for ``result`` (needs ``heads[].patterns``)."""
+def export_flex(result: AuditResult, model_info: Mapping[str, Any] | None = None,
+                heads: int | None = None) -> dict[str, Any]:
+    """The ``flex_plan.json`` content for ``result`` (needs ``heads[].patterns``); with ``heads``,
+    only the plan's first ``heads`` entries (a prefix of the ranking) run their pattern."""
     summary = result.data.get("plan_summary") or {}
     if summary.get("kind") != "kernel":
         raise ExportError("the audit has no heads[].patterns (audited with --patterns none or an "
                           "older version); re-run the audit to export a flex plan")
     info = model_info or result.model
     shape = validate_against_model(info, result.heads)
-    by_head = {(e["layer"], e["head"]): e for e in result.data.get("plan") or []}
+    by_head = {(e["layer"], e["head"]): e for e in (result.data.get("plan") or [])[:heads]}
     layers = []
     for layer in range(shape.num_layers):
         entry = {}
@@ -138,6 +140,7 @@ def read_flex(path: str | Path, model_info: Mapping[str, Any] | None = None) -> 
     return check_flex_plan(data, str(p), model_info)
 
 
-def flex_plan_of(result: AuditResult) -> dict[str, Any]:
-    """The flex plan of ``result`` as a dict (what ``--export flex`` writes)."""
-    return export_flex(result)
+def flex_plan_of(result: AuditResult, heads: int | None = None) -> dict[str, Any]:
+    """The flex plan of ``result`` as a dict (what ``--export flex`` writes); ``heads``: only the
+    plan's first ``heads`` entries."""
+    return export_flex(result, heads=heads)

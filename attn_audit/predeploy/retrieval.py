@@ -116,6 +116,18 @@ def retrieved(model: Any, prompts: Sequence[PasskeyPrompt], batch_size: int) -> 
     return out
 
 
+def prepare_retrieval(model: Any, tokenizer: Any, filler: Sequence[int], lengths: Sequence[int], samples: int, *,
+                      seed: int = 0, batch_size: int = 4, depths: Sequence[float] = DEPTHS) -> RetrievalProbe:
+    """Build the passkey prompts from ``filler`` (the dataset's tokens) and run them on the dense
+    model. Raises ValueError when a length cannot hold a prompt."""
+    text = clean_filler(filler, tokenizer)
+    if text and len(text) < max(lengths):  # a small dataset: read it again (repeats are still filler)
+        text = text * (max(lengths) // len(text) + 1)
+    prompts = build_prompts(tokenizer, text, lengths, samples, seed, depths)
+    return RetrievalProbe(prompts, retrieved(model, prompts, batch_size), tuple(int(n) for n in lengths),
+                          tuple(float(d) for d in depths), samples, batch_size)
+
+
 def retrieval_check(model: Any, tokenizer: Any, filler: Sequence[int], lengths: Sequence[int], samples: int,
                     install_at: Callable[[int], Installer], *, label: str, seed: int = 0, batch_size: int = 4,
                     depths: Sequence[float] = DEPTHS) -> dict[str, Any]:
@@ -126,51 +138,79 @@ def retrieval_check(model: Any, tokenizer: Any, filler: Sequence[int], lengths: 
     accuracy, ``lost`` = keys the dense model found and the plan did not, ``informative``), and over
     the informative cells ``dense_accuracy``, ``plan_accuracy``, ``lost`` and ``drop`` = lost / samples
     (None when no cell is informative), plus ``uninformative`` sentences."""
-    text = clean_filler(filler, tokenizer)
-    if text and len(text) < max(lengths):  # a small dataset: read it again (repeats are still filler)
-        text = text * (max(lengths) // len(text) + 1)
-    prompts = build_prompts(tokenizer, text, lengths, samples, seed, depths)
-    dense = retrieved(model, prompts, batch_size)
-    plan = [False] * len(prompts)
-    for n in lengths:
-        idx = [i for i, p in enumerate(prompts) if p.length == n]
-        with install_at(n)(model):
-            for i, ok in zip(idx, retrieved(model, [prompts[i] for i in idx], batch_size)):
-                plan[i] = ok
-    cells = []
-    for n in lengths:
-        for depth in depths:
-            sel = [i for i, p in enumerate(prompts) if p.length == n and p.depth == float(depth)]
-            d = sum(dense[i] for i in sel)
-            s = sum(plan[i] for i in sel)
-            lost = sum(dense[i] and not plan[i] for i in sel)
-            cells.append({"length": int(n), "depth": float(depth), "n": len(sel), "dense_correct": d,
-                          "plan_correct": s, "lost": lost, "dense_accuracy": d / len(sel),
-                          "plan_accuracy": s / len(sel), "informative": d / len(sel) >= MIN_DENSE_ACCURACY})
-    good = [c for c in cells if c["informative"]]
-    total = sum(c["n"] for c in good)
-    uninformative = []
-    for n in lengths:
-        bad = [c for c in cells if c["length"] == n and not c["informative"]]
-        if bad:
-            found = sum(c["dense_correct"] for c in bad)
-            where = ", ".join(f"{c['depth']:g}" for c in bad)
-            uninformative.append(
-                f"length {n}, depth {where}: the dense model found only {found}/{sum(c['n'] for c in bad)} keys, "
-                "so the check says nothing about the plan there")
-    return {
-        "method": "passkey (5 digits) hidden in the dataset's own text at each depth, asked for at the end; "
-                  "retrieved when greedy decoding returns the key (teacher-forced, one forward)",
-        "plan": label,
-        "lengths": [int(n) for n in lengths],
-        "depths": [float(d) for d in depths],
-        "samples_per_cell": samples,
-        "min_dense_accuracy": MIN_DENSE_ACCURACY,
-        "cells": cells,
-        "informative_samples": total,
-        "dense_accuracy": sum(c["dense_correct"] for c in good) / total if total else None,
-        "plan_accuracy": sum(c["plan_correct"] for c in good) / total if total else None,
-        "lost": sum(c["lost"] for c in good),
-        "drop": sum(c["lost"] for c in good) / total if total else None,
-        "uninformative": uninformative,
-    }
+    probe = prepare_retrieval(model, tokenizer, filler, lengths, samples, seed=seed, batch_size=batch_size,
+                              depths=depths)
+    return probe.check(model, install_at, label)
+
+
+@dataclass
+class RetrievalProbe:
+    """Passkey prompts and the dense model's outcomes, built once (:func:`prepare_retrieval`), so
+    several plans (a plan and its prefixes) are checked against the same keys."""
+
+    prompts: list[PasskeyPrompt]
+    dense: list[bool]
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...]
+    samples: int
+    batch_size: int
+
+    def plan_outcomes(self, model: Any, install_at: Callable[[int], Installer]) -> list[bool]:
+        """Per prompt, whether the model finds the key with the plan installed."""
+        plan = [False] * len(self.prompts)
+        for n in self.lengths:
+            idx = [i for i, p in enumerate(self.prompts) if p.length == n]
+            with install_at(n)(model):
+                for i, ok in zip(idx, retrieved(model, [self.prompts[i] for i in idx], self.batch_size)):
+                    plan[i] = ok
+        return plan
+
+    def drop(self, model: Any, install_at: Callable[[int], Installer]) -> float | None:
+        """Share of the informative cells' keys the dense model found and the plan loses (None: no
+        informative cell)."""
+        return self.summary(self.plan_outcomes(model, install_at), "")["drop"]
+
+    def check(self, model: Any, install_at: Callable[[int], Installer], label: str) -> dict[str, Any]:
+        """The ``verify.retrieval`` block of one plan (see :func:`retrieval_check`)."""
+        return self.summary(self.plan_outcomes(model, install_at), label)
+
+    def summary(self, plan: list[bool], label: str) -> dict[str, Any]:
+        """Per length and depth cells, and totals over the informative ones."""
+        prompts, dense, lengths, depths, samples = self.prompts, self.dense, self.lengths, self.depths, self.samples
+        cells = []
+        for n in lengths:
+            for depth in depths:
+                sel = [i for i, p in enumerate(prompts) if p.length == n and p.depth == float(depth)]
+                d = sum(dense[i] for i in sel)
+                s = sum(plan[i] for i in sel)
+                lost = sum(dense[i] and not plan[i] for i in sel)
+                cells.append({"length": int(n), "depth": float(depth), "n": len(sel), "dense_correct": d,
+                              "plan_correct": s, "lost": lost, "dense_accuracy": d / len(sel),
+                              "plan_accuracy": s / len(sel), "informative": d / len(sel) >= MIN_DENSE_ACCURACY})
+        good = [c for c in cells if c["informative"]]
+        total = sum(c["n"] for c in good)
+        uninformative = []
+        for n in lengths:
+            bad = [c for c in cells if c["length"] == n and not c["informative"]]
+            if bad:
+                found = sum(c["dense_correct"] for c in bad)
+                where = ", ".join(f"{c['depth']:g}" for c in bad)
+                uninformative.append(
+                    f"length {n}, depth {where}: the dense model found only {found}/{sum(c['n'] for c in bad)} keys, "
+                    "so the check says nothing about the plan there")
+        return {
+            "method": "passkey (5 digits) hidden in the dataset's own text at each depth, asked for at the end; "
+                      "retrieved when greedy decoding returns the key (teacher-forced, one forward)",
+            "plan": label,
+            "lengths": [int(n) for n in lengths],
+            "depths": [float(d) for d in depths],
+            "samples_per_cell": samples,
+            "min_dense_accuracy": MIN_DENSE_ACCURACY,
+            "cells": cells,
+            "informative_samples": total,
+            "dense_accuracy": sum(c["dense_correct"] for c in good) / total if total else None,
+            "plan_accuracy": sum(c["plan_correct"] for c in good) / total if total else None,
+            "lost": sum(c["lost"] for c in good),
+            "drop": sum(c["lost"] for c in good) / total if total else None,
+            "uninformative": uninformative,
+        }

@@ -26,6 +26,7 @@ from attn_audit.report.predeploy import (
     config_rows,
     retrieval_lines,
     retrieval_rows,
+    search_lines,
     speed_lines,
 )
 
@@ -283,6 +284,7 @@ def verify_section(page: Page) -> str:
             rows,
             "Per-head output error of the planned sparse attention.",
         )
+    inner += "".join(f"<p>{e(t)}</p>" for t in search_lines(page.result))
     inner += "".join(f"<p>{e(t)}</p>" for t in speed_lines(page.result))
     inner += _retrieval_html(page)
     return page.section("verify", "Verification", inner)

@@ -37,6 +37,7 @@ from attn_audit.report.predeploy import (
     config_rows,
     retrieval_lines,
     retrieval_rows,
+    search_lines,
     speed_lines,
 )
 
@@ -237,6 +238,9 @@ class MarkdownRenderer:
         title, table = _plan_rows(result, top)
         lines += [title, "", *table, ""]
         lines += [*_checks(result), ""]
+        search = search_lines(result)
+        if search:
+            lines += ["#### Largest plan within budget", "", *[f"- {md_code(t)}" for t in search], ""]
         speed = speed_lines(result)
         if speed:
             lines += ["#### Measured attention speed", "", *[f"- {md_code(t)}" for t in speed], ""]

@@ -11,7 +11,7 @@ from attn_audit.report.formatting import fmt_pct, num
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult
 
-__all__ = ["CONFIG_HEADER", "speed_lines", "RETRIEVAL_HEADER", "config_lines", "config_rows", "retrieval_lines", "retrieval_rows"]
+__all__ = ["CONFIG_HEADER", "search_lines", "speed_lines", "RETRIEVAL_HEADER", "config_lines", "config_rows", "retrieval_lines", "retrieval_rows"]
 
 RETRIEVAL_HEADER = ["length", "depth", "dense", "plan", "lost", "compared"]
 
@@ -125,4 +125,30 @@ def speed_lines(result: AuditResult) -> list[str]:
     kept = sp.get("layers_kept_dense") or []
     if kept:
         lines.append(f"Layers measured slower than dense and kept dense: {', '.join(map(str, kept))}.")
+    return lines
+
+
+def search_lines(result: AuditResult) -> list[str]:
+    """The largest plan prefix within the quality and passkey budgets, and the prefixes probed
+    (empty when no search ran)."""
+    verify = result.data.get("verify")
+    if not isinstance(verify, dict) or verify.get("largest_plan_heads") is None:
+        return []
+    heads = len(result.data.get("plan") or [])
+    budget = f"perplexity +{fmt_pct(verify.get('max_ppl_increase'))}"
+    if verify.get("max_retrieval_drop") is not None:
+        budget += f", passkeys lost <= {fmt_pct(verify['max_retrieval_drop'])}"
+    saving = num(verify.get("largest_plan_flops_saving"))
+    lines = [f"Largest plan within budget ({budget}): the first {verify['largest_plan_heads']} of {heads} "
+             f"planned heads, saving {saving:.1%} of the attention FLOPs"
+             + (f"; {verify['method']}." if verify.get("method") else ".")]
+    probes = [p for p in verify.get("search") or [] if isinstance(p, dict)]
+    if probes:
+        parts = []
+        for p in probes:
+            q = (f"ppl x{p['ppl_ratio']:.4f}" if num(p.get("ppl_ratio")) is not None
+                 else f"cosine {num(p.get('hidden_cosine')) or 0:.4f}")
+            drop = num(p.get("retrieval_drop"))
+            parts.append(f"{p['heads']} heads: {q}" + (f", passkeys lost {drop:.0%}" if drop is not None else ""))
+        lines.append("Prefixes probed: " + "; ".join(parts) + ".")
     return lines

@@ -45,6 +45,7 @@ from attn_audit.report.predeploy import (
     config_rows,
     retrieval_lines,
     retrieval_rows,
+    search_lines,
     speed_lines,
 )
 
@@ -334,6 +335,9 @@ def render_to_console(result: AuditResult, console: Console, top: int = DEFAULT_
     theory = theory_lines(result)
     if theory:
         parts += [Text(""), Text("Theory check", style="bold"), *[Text(line) for line in theory]]
+    search = search_lines(result)
+    if search:
+        parts += [Text(""), Text("Largest plan within budget", style="bold"), *[Text(line) for line in search]]
     speed = speed_lines(result)
     if speed:
         parts += [Text(""), Text("Measured attention speed", style="bold"), *[Text(line) for line in speed]]

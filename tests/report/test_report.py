@@ -574,3 +574,17 @@ def test_rendering_never_imports_torch() -> None:
     )
     proc = run_python(code, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_format_shows_the_largest_plan_within_both_budgets() -> None:
+    """The prefix search (verify.largest_plan_heads, verify.search) reaches every format, with the
+    passkey budget and the probe that broke it."""
+    result = make_result(plan=True, verify=True)
+    v = result.data["verify"]
+    best = v["largest_plan_heads"]
+    for fmt in ("terminal", "md", "html"):
+        out = " ".join((html.unescape(render(result, fmt)) if fmt == "html" else render(result, fmt)).split())
+        assert f"the first {best} of {len(result.data['plan'])} planned heads" in out
+        assert "passkeys lost <= 0.0%" in out
+        assert f"{best + 1} heads: ppl x1.0060, passkeys lost 25%" in out
+    assert json.loads(render(result, "json"))["verify"]["search"] == v["search"]
