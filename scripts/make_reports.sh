@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 A=.venv/bin/attn-audit
 $A smollm2-135m-instruct --seq-len 256,512,1024 --num-sequences 8 --verify --verify-sequences 2 \
-   --target-len 4096 --export minference,duo,flex --format json,md,html --force --quiet \
+   --target-len 4096 --retrieval-len 1024 --export minference,duo,flex --format json,md,html --force --quiet \
    --fail-if 'planned_flops_saving < 0.1' --fail-if 'ppl_increase > 0.05' \
    --out reports/smollm2-135m-instruct || [ $? -eq 1 ]
 $A all-minilm-l6-v2 --seq-len 128,256,512 --num-sequences 16 --verify --verify-sequences 4 \
