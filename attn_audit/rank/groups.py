@@ -26,6 +26,7 @@ def _aggregate(members: list[_Eval], ctx: _Ctx, layer: int, kv_head: int | None)
     agg.kfrac_measured = max(m.kfrac_measured for m in measured)
     agg.stability = min(m.stability for m in measured)
     agg.window = measured[0].window  # one layer: one window
+    agg.head_dim = measured[0].head_dim  # one layer: one head size
     agg.saving = flops_saving(ctx.target, agg.k, ctx.causal, agg.window)
     flags = {f for m in members for f in m.flags}
     agg.flags = sorted(flags, key=lambda f: (RISK_FLAGS.index(f) if f in RISK_FLAGS else 99, f))

@@ -158,6 +158,12 @@ def budget_fields(pattern: str, level: int, block: int, sinks: int) -> dict[str,
     return {}
 
 
+def _head_dim(rec: Mapping[str, Any], default: int) -> int:
+    """The head's own d_qk where the head size varies per layer (``heads[].head_dim``), else ``default``."""
+    d = rec.get("head_dim")
+    return int(d) if isinstance(d, int) and d > 0 else default
+
+
 def add_kernel_plan(result: Any, config: Any = None) -> None:
     """Fill ``result.data["kernel_plan"]`` (one entry per head, best kernel saving first) and
     ``kernel_plan_summary`` (kernel saving beside the oracle top-k saving, heads per pattern), and
@@ -168,7 +174,7 @@ def add_kernel_plan(result: Any, config: Any = None) -> None:
     ctx = _context(result, config or PlanConfig())
     entries = []
     for rec in result.heads:
-        choice = kernel_choice(rec, ctx.eps_key, ctx.target, ctx.head_dim, ctx.causal, ctx.sinks)
+        choice = kernel_choice(rec, ctx.eps_key, ctx.target, _head_dim(rec, ctx.head_dim), ctx.causal, ctx.sinks)
         if choice is None:
             return
         entry = {"layer": rec["layer"], "head": rec["head"], "kv_head": rec.get("kv_head"), **choice}
@@ -178,8 +184,10 @@ def add_kernel_plan(result: Any, config: Any = None) -> None:
     total = len(entries)
     saving = sum(e["flops_saving"] for e in entries) / total if total else 0.0
     windows = {(r["layer"], r["head"]): r.get("sliding_window") for r in result.heads}
-    if any(isinstance(w, int) for w in windows.values()):  # local layers cost less: weight by dense tiles
-        dense = {key: pattern_flops(ctx.target, e["block_size"], ctx.head_dim, ctx.causal, "dense", 0,
+    dims = {(r["layer"], r["head"]): _head_dim(r, ctx.head_dim) for r in result.heads}
+    if any(isinstance(w, int) for w in windows.values()) or len(set(dims.values())) > 1:
+        # local layers (or smaller heads) cost less: weight by dense tiles
+        dense = {key: pattern_flops(ctx.target, e["block_size"], dims[key], ctx.causal, "dense", 0,
                                     window=windows[key])
                  for key, e in ((( e["layer"], e["head"]), e) for e in entries)}
         total_dense = sum(dense.values())

@@ -38,6 +38,7 @@ class _Eval:
     kfrac_measured: float = 1.0
     saving: float = 0.0
     window: int | None = None  # the layer's causal sliding window (heads[].sliding_window)
+    head_dim: int | None = None  # the head's d_qk where it varies per layer (heads[].head_dim)
     stability: float = 0.0
     ci_half: float | None = None
     flags: list[str] = field(default_factory=list)
@@ -46,6 +47,8 @@ class _Eval:
 
 def _evaluate(head: Mapping[str, Any], ctx: _Ctx) -> _Eval:
     ev = _Eval(int(head["layer"]), int(head["head"]), int(head.get("kv_head", 0)), measured=False)
+    d = head.get("head_dim")
+    ev.head_dim = int(d) if isinstance(d, int) and d > 0 else None
     block = (head.get("sparsity") or {}).get(ctx.eps_key)
     if not isinstance(block, Mapping) or not int(block.get("rows") or 0):
         ev.flags = ["unmeasured"]
