@@ -235,8 +235,16 @@ def ensure_registered() -> None:
     )
     from transformers.modeling_utils import AttentionInterface
 
+    sdpa_mask, eager_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["eager"]
+
+    def capture_mask(*args: Any, **kwargs: Any) -> Any:
+        """The sdpa mask; the eager one (additive float) for a model without sdpa support, whose
+        own code may combine the mask with float biases (DeepSeek-V4 appends its compressor's
+        block bias cast to the mask's dtype: a bool mask would invert it)."""
+        return (eager_mask if _OWN_OUTPUT[0] else sdpa_mask)(*args, **kwargs)
+
     AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(CAPTURE_IMPL, capture_mask)
     _REGISTERED = True
 
 
