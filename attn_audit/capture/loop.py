@@ -12,7 +12,7 @@ import torch
 from attn_audit.capture import distributed
 from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
 from attn_audit.capture.hooks import projection_hooks
-from attn_audit.capture.interface import AttentionCall, capturing
+from attn_audit.capture.interface import AttentionCall, capturing, skipped_calls
 from attn_audit.config import AuditConfig
 from attn_audit.data import TokenData, batches
 from attn_audit.errors import CaptureError, CheckpointError, UnsupportedFamilyError
@@ -153,6 +153,8 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
         getattr(model, "base_model", model)(input_ids=ids, attention_mask=torch.ones_like(ids))
     name = info.get("family", "?")
     info["capture"] = "interface"
+    if skipped_calls():  # e.g. Inkling 2's attention over depth: run, but not a site
+        info["skipped_calls"] = skipped_calls()
     if not seen:
         try:
             probs = eager_attentions(model, ids, torch.ones_like(ids))
