@@ -220,3 +220,19 @@ def test_heads_varying_per_layer_audit_equals_brute_force(model_type):
             assert got["rows"] == len(ref) > 0
             assert got["k_mean"] * got["rows"] == pytest.approx(ref.sum(), abs=0.5), (rec["layer"], rec["head"], key)
     assert res.data["plan_summary"]["heads_total"] == len(res.heads)
+
+
+@pytest.mark.parametrize("model_type, status, reason", [
+    ("deepseek_v4", "pass", "geometry from the calls"),  # eager mask kept; one K=V head whatever the config says
+    ("minimax", "pass", ""),  # linear-attention layers are no sites (their eager weights are a state)
+    ("inkling2_text", "pass", "not a site: Inkling2BlockAttentionResidual"),  # attention over depth
+    ("diffllama", "refused", "calls the attention kernel 2 times"),  # differential attention
+    ("jetmoe", "refused", "mixture of attention heads"),
+])
+def test_site_and_geometry_cases(model_type, status, reason):
+    """Sites that are not one per layer, and geometry the config misstates: supported exactly where
+    the capture can, else refused with the specific reason."""
+    res = check_type(model_type)
+    assert res.status == status and reason in res.reason, (res.status, res.reason)
+    if status == "pass":
+        assert res.max_diff is not None and res.max_diff <= 1e-5
