@@ -152,11 +152,12 @@ def validate(data: dict[str, Any], source: str) -> None:
     if not (1 <= layers and 1 <= heads and 1 <= kv <= heads and heads % kv == 0 and layers * heads <= MAX_HEADS):
         raise _fail(source, "$.model", f"has {layers} layers x {heads} heads ({kv} KV heads), which is not a model")
     per_layer = _layer_heads(m, source)
+    want = f"{layers} x {heads}" if per_layer is None else "the sum of model.layer_heads"
     if per_layer is None:
         per_layer = [(heads, kv)] * layers
     total = sum(h for h, _ in per_layer)
     if len(data["heads"]) != total:
-        raise _fail(source, "$.heads", f"holds {len(data['heads'])} records, not {total} ({layers} layers x heads)")
+        raise _fail(source, "$.heads", f"holds {len(data['heads'])} records, not {want}")
     seen = set()
     for i, h in enumerate(data["heads"]):
         key = (h["layer"], h["head"])
