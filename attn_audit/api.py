@@ -71,6 +71,8 @@ def audit(
     if info["capture"] == FALLBACK:
         sys.stderr.write(f"note: {info['family']} computes attention outside transformers' attention interface; "
                          "auditing its eager output_attentions probabilities (no Q/K sites, slower)\n")
+    for line in info.get("skipped_calls") or []:
+        sys.stderr.write(f"note: not audited (run by the model as usual): {line}\n")
     if config.check_config:  # a config that does not fit the model is refused before any work
         from attn_audit.predeploy import read_config
 

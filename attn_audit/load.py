@@ -400,13 +400,32 @@ def check_tokenizer(tokenizer: Any, name: str) -> None:
 def _first(cfg: Any, *names: str) -> Any:
     """The first of ``names`` that ``cfg`` sets to something other than None."""
     for n in names:
-        v = getattr(cfg, n, None)
+        v = _global_attr(cfg, n)
         if v is not None:
             return v
     return None
 
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention", "global", "local")
+def _global_attr(cfg: Any, name: str) -> Any:
+    """``cfg.name`` or None. A heterogeneous config (per-layer attributes, e.g. Gemma 4's head
+    sizes) refuses a global read of a per-layer attribute: its global value is read anyway (the
+    model info's starting point); :func:`attn_audit.capture.loop.probe_sites` then reads each
+    site's heads and head size from the attention calls themselves (``layer_heads``)."""
+    try:
+        return getattr(cfg, name, None)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
+        if not hasattr(type(cfg), "allow_global_per_layer_attribute_access"):
+            raise
+        before = cfg.allow_global_per_layer_attribute_access
+        cfg.allow_global_per_layer_attribute_access = True
+        try:
+            return getattr(cfg, name, None)
+        finally:
+            cfg.allow_global_per_layer_attribute_access = before
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention", "global", "local",
+                         "indexed_attention")  # DSA: softmax attention over the indexer's chosen keys
 
 
 def attention_geometry(cfg: Any) -> dict[str, Any]:
@@ -417,11 +436,11 @@ def attention_geometry(cfg: Any) -> dict[str, Any]:
     nope + rope dims, else hidden / heads) and v_head_dim (d_v).
     """
     heads = int(_first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads") or 0)
-    kv = 1 if getattr(cfg, "multi_query", False) is True else _first(
+    kv = 1 if _global_attr(cfg, "multi_query") is True else _first(
         cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv", "num_kv")
     hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", "dim") or 0)
-    if getattr(cfg, "qk_nope_head_dim", None) is not None:  # MLA: Q/K carry nope + rope parts
-        head_dim = cfg.qk_nope_head_dim + (getattr(cfg, "qk_rope_head_dim", 0) or 0)
+    if _global_attr(cfg, "qk_nope_head_dim") is not None:  # MLA: Q/K carry nope + rope parts
+        head_dim = _global_attr(cfg, "qk_nope_head_dim") + (_global_attr(cfg, "qk_rope_head_dim") or 0)
     else:
         head_dim = _first(cfg, "head_dim", "qk_head_dim", "attention_head_size", "d_kv", "d_head")
     head_dim = int(head_dim or hidden // max(heads, 1))
@@ -482,7 +501,7 @@ def model_info(
         "max_positions": int(max_pos) if isinstance(max_pos, int) and max_pos > 0 else None,
         "rope": traits["rope"],
         "qk_norm": traits["qk_norm"],
-        "sliding_window": getattr(cfg, "sliding_window", None),
+        "sliding_window": _global_attr(cfg, "sliding_window"),
         "layer_types": list(types) if isinstance(types, (list, tuple)) else None,
         "dtype": dtype,
         "revision": revision,

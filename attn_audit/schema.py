@@ -128,6 +128,20 @@ def check_bounds(data: Any, source: str) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
+def _layer_heads(m: dict[str, Any], source: str) -> list[tuple[int, int]] | None:
+    """The model block's per-layer (heads, kv heads) when they vary between layers, else None."""
+    per_layer = m.get("layer_heads")
+    if per_layer is None:
+        return None
+    ok = (isinstance(per_layer, list) and len(per_layer) == m["num_layers"]
+          and all(isinstance(g, list) and len(g) == 3 and all(isinstance(x, int) and x > 0 for x in g)
+                  and g[0] % g[1] == 0 and g[0] <= m["num_heads"] and g[1] <= m["num_kv_heads"] for g in per_layer))
+    if not ok:
+        raise _fail(source, "$.model.layer_heads", "is not one [heads, kv heads, head_dim] per layer within the "
+                    "model's largest")
+    return [(g[0], g[1]) for g in per_layer]
+
+
 def validate(data: dict[str, Any], source: str) -> None:
     """Raise :class:`ResultFileError` naming the first field that is missing or of the wrong type,
     or a count that does not fit the model block (heads != layers x heads, a head out of range)."""
@@ -137,12 +151,18 @@ def validate(data: dict[str, Any], source: str) -> None:
     layers, heads, kv = m["num_layers"], m["num_heads"], m["num_kv_heads"]
     if not (1 <= layers and 1 <= heads and 1 <= kv <= heads and heads % kv == 0 and layers * heads <= MAX_HEADS):
         raise _fail(source, "$.model", f"has {layers} layers x {heads} heads ({kv} KV heads), which is not a model")
-    if len(data["heads"]) != layers * heads:
-        raise _fail(source, "$.heads", f"holds {len(data['heads'])} records, not {layers} x {heads}")
+    per_layer = _layer_heads(m, source)
+    want = f"{layers} x {heads}" if per_layer is None else "the sum of model.layer_heads"
+    if per_layer is None:
+        per_layer = [(heads, kv)] * layers
+    total = sum(h for h, _ in per_layer)
+    if len(data["heads"]) != total:
+        raise _fail(source, "$.heads", f"holds {len(data['heads'])} records, not {want}")
     seen = set()
     for i, h in enumerate(data["heads"]):
         key = (h["layer"], h["head"])
-        if not (0 <= h["layer"] < layers and 0 <= h["head"] < heads and 0 <= h["kv_head"] < kv) or key in seen:
+        lh, lkv = per_layer[h["layer"]] if 0 <= h["layer"] < layers else (0, 0)
+        if not (0 <= h["head"] < lh and 0 <= h["kv_head"] < lkv) or key in seen:
             raise _fail(source, f"$.heads[{i}]", f"names head L{h['layer']}.H{h['head']} (kv {h['kv_head']}) "
                         "out of range or twice")
         seen.add(key)

@@ -42,6 +42,8 @@ def _load(tmp_path, text_or_bytes, *extra):
     (lambda d: d["heads"][0]["sparsity"]["0.05"].update(k_mean="big"), "k_mean is not a num"),
     (lambda d: d["model"].update(num_layers=10**7, num_heads=10**7), "which is not a model"),
     (lambda d: d["heads"].pop(), "records, not 3 x 4"),
+    (lambda d: d["model"].update(layer_heads=[[4, 3, 8]]), "$.model.layer_heads is not one [heads, kv heads"),
+    (lambda d: d["model"].update(layer_heads=[[4, 2, 8], [2, 2, 8], [4, 2, 8]]), "records, not the sum of"),
     (lambda d: d["heads"][1].update(layer=0, head=0), "out of range or twice"),
     (lambda d: d["run"].update(eps_keys=["abc"]), "not an eps in (0, 1)"),
     (lambda d: d["ranking"][0].update(layer=99), "not in heads"),

@@ -36,6 +36,8 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
     info = data["model"]
     L, H, Hkv = info["num_layers"], info["num_heads"], info["num_kv_heads"]
     group = H // Hkv
+    # per layer (heads, kv heads, d_qk); where they vary only the heads a layer has get a record
+    per_layer = [tuple(g) for g in info["layer_heads"]] if info.get("layer_heads") else [(H, Hkv, None)] * L
     eps_keys = list(config.measure.eps_keys)
     primary = config.seq_len
     s = summaries[primary]
@@ -43,8 +45,9 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
     rows = s["seq_rows"].sum(0).astype(float)  # (L, H)
     heads: list[dict[str, Any]] = []
     for l in range(L):
-        for h in range(H):
-            g = h // group
+        heads_l, kv_l, d_l = per_layer[l]
+        for h in range(heads_l):
+            g = h // (heads_l // kv_l)
             r = rows[l, h]
 
             def mean(x: np.ndarray) -> float | None:
@@ -78,6 +81,8 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
             window = (info.get("layer_windows") or [None] * L)[l]
             if window:  # a local layer: its rows see at most this many keys (the plan's FLOPs)
                 rec["sliding_window"] = int(window)
+            if d_l is not None:  # heads or head size vary per layer: this head's d_qk (the plan's FLOPs)
+                rec["head_dim"] = int(d_l)
             if len(summaries) > 1:
                 rec["by_length"] = {str(n): {"sparsity": per_length[n][(l, h)]} for n in sorted(summaries)}
             heads.append(rec)

@@ -53,12 +53,19 @@ class Accumulator:
 
     Call :meth:`begin_batch` before each forward pass and let :mod:`attn_audit.capture.interface` deliver
     each layer's :class:`AttentionCall` to ``self``; :meth:`summary` returns numpy aggregates.
+
+    The geometry is per layer: ``info["layer_heads"]`` (when the heads or head size vary between
+    layers, as :func:`attn_audit.capture.loop.probe_sites` reads them from the calls) lists each
+    site's (heads, kv heads, d_qk); ``num_heads`` / ``num_kv_heads`` are then the largest. The
+    (layer, head) arrays are sized by the largest; a layer with fewer heads fills its first ones
+    and the rest stay empty (no rows; :mod:`attn_audit.assemble` emits no record for them).
     """
 
     def __init__(self, info: dict[str, Any], seq_len: int, num_sequences: int, cfg: AccumulateConfig) -> None:
         self.cfg = cfg
         self.seq_len = seq_len
         self.L, self.H, self.Hkv = info["num_layers"], info["num_heads"], info["num_kv_heads"]
+        self.geometry = layer_geometry(info)  # per site: (heads, kv heads, d_qk)
         self.causal = bool(info["causal"])
         self.spec = cfg.measure
         E, B = len(self.spec.eps), len(self.spec.budgets)
@@ -134,9 +141,9 @@ class Accumulator:
                 self.x_norm_hist[layer] += torch.bincount(idx, minlength=1026).numpy()
             return
         b, s_len, width = t.shape
-        heads = width // self.head_dim
+        d = self.geometry[layer][2]
         bi, pi = self._tok_sel
-        self.tokens.update((layer, site), t.view(b, s_len, heads, self.head_dim)[bi, pi])
+        self.tokens.update((layer, site), t.view(b, s_len, width // d, d)[bi, pi])
 
     def x_norm_quantile(self, layer: int, q: float) -> float | None:
         """Upper edge of the histogram bin holding the q-quantile of ||x|| (conservative)."""
@@ -156,11 +163,14 @@ class Accumulator:
         from the measured weights (see ``_can_fuse``), else None (the model's kernel runs).
         """
         layer = call.layer
-        if layer >= self.L or call.query.shape[1] != self.H or call.key.shape[1] != self.Hkv:
+        got = (call.query.shape[1], call.key.shape[1])
+        want = self.geometry[layer][:2] if layer < self.L else None
+        if want is None or got != want or (call.probs is None and call.query.shape[-1] != self.geometry[layer][2]):
             raise CaptureError(
-                f"attention call {layer} has {call.query.shape[1]} query / {call.key.shape[1]} key heads; the model "
-                f"info says {self.L} sites of {self.H} / {self.Hkv} (heads that vary per layer are not supported)"
+                f"attention call {layer} has {got[0]} query / {got[1]} key heads (d_qk {call.query.shape[-1]}); the "
+                f"model info says {self.L} sites, this one {want} (d_qk {self.geometry[layer][2] if want else '-'})"
             )
+        H = got[0]
         self.layers_seen.add(layer)
         self.scale[layer] = call.scaling
         if call.probs is not None:  # eager-probabilities fallback: no Q/K to measure or sample
@@ -182,12 +192,13 @@ class Accumulator:
             kn = k.float().norm(dim=-1)
         qn = qn.masked_fill(~mask[:, None, :], 0)
         kn = kn.masked_fill(~mask[:, None, :], 0)
-        self.max_q_norm[layer] = np.maximum(self.max_q_norm[layer], qn.amax(dim=(0, 2)).cpu().numpy())
-        self.max_k_norm[layer] = np.maximum(self.max_k_norm[layer], kn.amax(dim=(0, 2)).cpu().numpy())
+        Hkv = got[1]
+        self.max_q_norm[layer, :H] = np.maximum(self.max_q_norm[layer, :H], qn.amax(dim=(0, 2)).cpu().numpy())
+        self.max_k_norm[layer, :Hkv] = np.maximum(self.max_k_norm[layer, :Hkv], kn.amax(dim=(0, 2)).cpu().numpy())
         bi, pi = self._tok_sel
         self.tokens.update((layer, "q"), q[bi, :, pi])
         self.tokens.update((layer, "k"), k[bi, :, pi])
-        seq_bad = k_bad.any(-1).repeat_interleave(self.H // self.Hkv, dim=1)  # (batch, head)
+        seq_bad = k_bad.any(-1).repeat_interleave(H // Hkv, dim=1)  # (batch, head)
         rows = self.batch_rows.to(q.device)
         self._bad = (q_bad, seq_bad)
         m, out = self._measure(call, rows, mask)
@@ -203,7 +214,7 @@ class Accumulator:
         mask = self.mask.to(call.probs.device)
         self.max_q_norm[call.layer] = np.nan
         self.max_k_norm[call.layer] = np.nan
-        none = torch.zeros(mask.shape[0], self.H, mask.shape[1], dtype=torch.bool, device=mask.device)
+        none = torch.zeros(mask.shape[0], call.probs.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device)
         rows = self.batch_rows.to(mask.device)
         self._bad = (none, none[:, :, 0])
         m, _ = self._measure(call, rows, mask)
@@ -218,8 +229,9 @@ class Accumulator:
         ``_can_fuse``), else None."""
         q, layer = call.query, call.layer
         b, keys_total = q.shape[0], call.key.shape[2]
-        groups = self.H // self.Hkv
-        step = max(1, self.cfg.block_elements // max(b * self.H * keys_total, 1))
+        H, Hkv = self.geometry[layer][:2]  # this layer's heads
+        groups = H // Hkv
+        step = max(1, self.cfg.block_elements // max(b * H * keys_total, 1))
         causal = call.is_causal and _mask_is_causal(call)
         if causal:
             # causal rows only see keys up to their own position: small row blocks with keys cut
@@ -235,7 +247,7 @@ class Accumulator:
         # the scores need no -inf written into them
         causal_only = (causal and not call.sliding_window and q.shape[2] == keys_total
                        and bool(mask.all()))
-        out = torch.empty(b, self.H, q.shape[2], call.value.shape[-1]) if fuse else None  # d_v may differ
+        out = torch.empty(b, H, q.shape[2], call.value.shape[-1]) if fuse else None  # d_v may differ
         on_cpu = q.device.type == "cpu"  # (a GPU's caching allocator makes fresh blocks cheap)
         parts = []
         est = self._pattern_estimates(call, mask)
@@ -243,10 +255,10 @@ class Accumulator:
             blk = rows[start : start + step]
             n_keys = int(blk.max()) + 1 if causal else keys_total
             s = scores(call, blk, n_keys, masked=not causal_only,  # (batch, head, R, keys)
-                       out=self._buffer("scores", (b, self.H, len(blk), n_keys)) if on_cpu else None)
+                       out=self._buffer("scores", (b, H, len(blk), n_keys)) if on_cpu else None)
             w = self._buffer("weights", s.shape) if fuse else None
-            m = row_metrics(s.reshape(b * self.H, len(blk), n_keys), blk, self.spec, causal=causal_only,
-                            weights_out=None if w is None else w.view(b * self.H, len(blk), n_keys))
+            m = row_metrics(s.reshape(b * H, len(blk), n_keys), blk, self.spec, causal=causal_only,
+                            weights_out=None if w is None else w.view(b * H, len(blk), n_keys))
             parts.append(m)
             if est is not None:
                 self._fold_patterns(call, s, blk, m, mask, est, causal_only)
@@ -256,9 +268,9 @@ class Accumulator:
             if out is not None and w is not None:
                 r = len(blk)
                 v = call.value[:, :, :n_keys].float()  # (batch, kv_head, keys, d_head)
-                o = torch.matmul(w.view(b, self.Hkv, groups * r, n_keys), v).view(b, self.H, r, -1)
+                o = torch.matmul(w.view(b, Hkv, groups * r, n_keys), v).view(b, H, r, -1)
                 # mass >= 1 on rows with an allowed key (their max weight is exp(0)); 0 rows stay 0
-                out[:, :, start : start + r] = o / m.mass.view(b, self.H, r, 1).clamp_min(1.0).float()
+                out[:, :, start : start + r] = o / m.mass.view(b, H, r, 1).clamp_min(1.0).float()
         # one fold per layer call: the per-row metrics of all blocks side by side (G, rows, ...)
         m = parts[0] if len(parts) == 1 else RowMetrics(**{
             f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in parts[0].to_dict()})
@@ -311,14 +323,15 @@ class Accumulator:
         from dataclasses import replace
 
         b, keys_total = call.query.shape[0], call.key.shape[2]
-        step = max(1, self.cfg.block_elements // max(b * self.H * (keys_total + 1), 1))
+        H = call.query.shape[1]
+        step = max(1, self.cfg.block_elements // max(b * H * (keys_total + 1), 1))
         parts = []
         for start in range(0, len(rows), step):
             blk = rows[start : start + step]
             s = scores(call, blk, keys_total)  # (batch, head, R, keys), -inf where not allowed
             if start + step >= len(rows):
                 self._sample_row_logits(call.layer, s[:, :, -1], int(blk[-1]), self.mask.to(s.device))
-            aug = torch.cat([sink_column(call, s, blk), s], dim=-1).reshape(b * self.H, len(blk), keys_total + 1)
+            aug = torch.cat([sink_column(call, s, blk), s], dim=-1).reshape(b * H, len(blk), keys_total + 1)
             alone = row_metrics(aug, blk + 1, replace(self.spec, sinks=1))
             m = row_metrics(aug, blk + 1, replace(self.spec, sinks=self.spec.sinks + 1))
             m.n_keys = (m.n_keys - 1).clamp_min(0)
@@ -375,7 +388,7 @@ class Accumulator:
         vals = (vals - vals.mean(-1, keepdim=True)) / vals.std(-1, keepdim=True).clamp_min(1e-12)
         gen = torch.Generator().manual_seed(int(priorities(self.cfg.seed, np.array([self.seq_start]), np.array([layer]), 3)[0] * 2**31))
         pick = torch.randperm(vals.shape[-1], generator=gen)[: self.ROW_LOGITS_PER_ROW].to(vals.device)
-        chunk = vals[..., pick].transpose(0, 1).reshape(self.H, -1).cpu().float()  # (head, values)
+        chunk = vals[..., pick].transpose(0, 1).reshape(last.shape[1], -1).cpu().float()  # (head, values)
         merged = chunk if have is None else torch.cat([have, chunk], dim=1)
         self.row_logits[layer] = merged[:, : self.ROW_LOGITS_CAP]
 
@@ -475,6 +488,15 @@ class Accumulator:
             "layers_seen": sorted(self.layers_seen),
             "patterns": None if self.patterns is None else self.patterns.summary(),
         }
+
+
+def layer_geometry(info: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """Each attention site's (heads, kv heads, d_qk): ``info["layer_heads"]`` where the heads or
+    the head size vary between layers, else the model's one geometry for every site."""
+    per_layer = info.get("layer_heads")
+    if per_layer:
+        return [(int(h), int(kv), int(d)) for h, kv, d in per_layer]
+    return [(int(info["num_heads"]), int(info["num_kv_heads"]), int(info["head_dim"]))] * int(info["num_layers"])
 
 
 def _mask_is_causal(call: AttentionCall) -> bool:

@@ -36,6 +36,8 @@ def extras_reason(model: Any, info: dict[str, Any]) -> str | None:
         return "attention computed outside the interface: only its probabilities are read"
     if not info.get("rope"):
         return "no RoPE: the kernel input is already the projection"
+    if info.get("layer_heads"):
+        return "the heads or the head size vary between layers: no single projection layout"
     if info.get("qk_norm"):
         return "QK-norm between the projections and RoPE: captured Q/K are post-norm"
     layers = decoder_layers(model)

@@ -50,6 +50,16 @@ IGNORED = frozenset({
 })
 """Keywords the eager and sdpa kernels never read: they leave the probabilities unchanged."""
 
+NOT_TOKEN_ATTENTION: dict[str, str] = {
+    "Inkling2BlockAttentionResidual": "attention over the earlier blocks' outputs (depth), not over tokens",
+    "Inkling2LoopBlockAttentionResidual": "attention over the earlier blocks' outputs (depth), not over tokens",
+    "Inkling2LoopMessageAttentionResidual": "attention over the earlier blocks' outputs (depth), not over tokens",
+}
+"""Module classes that route attention over something other than the token sequence through the
+interface (its axes reused: the tokens as the head axis, the blocks as keys). Their calls are no
+sites: they run (exactly, :func:`_eager`) without being reported and are named in
+``skipped_calls`` (:func:`skipped_calls`)."""
+
 
 @dataclass
 class AttentionCall:
@@ -106,6 +116,13 @@ _CONSUMERS: list[Consumer] = []
 _REGISTERED = False
 _SITE = [0]  # the next call's site number (reset before each forward pass of a captured model)
 _OWN_OUTPUT = [False]  # compute the output ourselves (the model does not support sdpa)
+_SKIPPED: set[str] = set()  # classes of NOT_TOKEN_ATTENTION calls run since the capture began
+
+
+def skipped_calls() -> list[str]:
+    """One line per module class whose calls the current (or last) capture ran without reporting
+    them as sites (:data:`NOT_TOKEN_ATTENTION`)."""
+    return [f"{name}: {NOT_TOKEN_ATTENTION[name]}" for name in sorted(_SKIPPED)]
 
 
 def check_kwargs(kwargs: dict[str, Any], module: Any = None) -> None:
@@ -199,6 +216,9 @@ def _capture_attention(
     """The registered attention function: report to the consumer, then run the real kernel."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if type(module).__name__ in NOT_TOKEN_ATTENTION:  # no site: run it, report nothing
+        _SKIPPED.add(type(module).__name__)
+        return _eager(module, make_call(module, query, key, value, attention_mask, scaling, dropout, kwargs, -1), 0.0)
     call = make_call(module, query, key, value, attention_mask, scaling, dropout, kwargs, _SITE[0])
     _SITE[0] += 1
     replaced = None
@@ -235,8 +255,16 @@ def ensure_registered() -> None:
     )
     from transformers.modeling_utils import AttentionInterface
 
+    sdpa_mask, eager_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["eager"]
+
+    def capture_mask(*args: Any, **kwargs: Any) -> Any:
+        """The sdpa mask; the eager one (additive float) for a model without sdpa support, whose
+        own code may combine the mask with float biases (DeepSeek-V4 appends its compressor's
+        block bias cast to the mask's dtype: a bool mask would invert it)."""
+        return (eager_mask if _OWN_OUTPUT[0] else sdpa_mask)(*args, **kwargs)
+
     AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(CAPTURE_IMPL, capture_mask)
     _REGISTERED = True
 
 
@@ -264,6 +292,7 @@ def capturing(model: Any, consumer: Consumer) -> Iterator[None]:
         ) from None
     own_before = _OWN_OUTPUT[0]
     _OWN_OUTPUT[0] = not getattr(model, "_supports_sdpa", True)
+    _SKIPPED.clear()
     tops = {id(m): m for m in (model, getattr(model, "base_model", model))}
     handles = [m.register_forward_pre_hook(_reset_site) for m in tops.values()]
     _reset_site()

@@ -12,7 +12,7 @@ import torch
 from attn_audit.capture import distributed
 from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
 from attn_audit.capture.hooks import projection_hooks
-from attn_audit.capture.interface import AttentionCall, capturing
+from attn_audit.capture.interface import AttentionCall, capturing, skipped_calls
 from attn_audit.config import AuditConfig
 from attn_audit.data import TokenData, batches
 from attn_audit.errors import CaptureError, CheckpointError, UnsupportedFamilyError
@@ -126,6 +126,14 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
     causal model passes sliding windows, ``info["layer_windows"]`` records each site's window
     (None for a global layer): the plan's FLOPs count only the keys a windowed row can see.
 
+    The geometry is read from the calls. Where the heads or the head size vary between layers
+    (Gemma 4's wider global layers, MiMo's local layers with more KV heads),
+    ``info["layer_heads"]`` records each site's [heads, kv heads, d_qk] and ``num_heads``,
+    ``num_kv_heads`` and ``head_dim`` become the largest over the sites (``heads_per_layer``
+    in the report: the records hold only the heads a layer has). Where every site agrees but
+    the config's fields say otherwise, the calls' geometry replaces them (the config's is kept
+    as ``config_geometry``).
+
     Raises:
         UnsupportedFamilyError: no call reaches the interface (attention computed in the model's
             own code), or fewer sites than attention layers.
@@ -145,12 +153,19 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
         getattr(model, "base_model", model)(input_ids=ids, attention_mask=torch.ones_like(ids))
     name = info.get("family", "?")
     info["capture"] = "interface"
+    if skipped_calls():  # e.g. Inkling 2's attention over depth: run, but not a site
+        info["skipped_calls"] = skipped_calls()
     if not seen:
         try:
             probs = eager_attentions(model, ids, torch.ones_like(ids))
         except Exception:  # noqa: BLE001 - the model's eager path cannot return its probabilities
             probs = []
-        if len(probs) == info["num_layers"] and all(p.shape == (1, info["num_heads"], tokens, tokens) for p in probs):
+        heads = {p.shape[1] for p in probs}
+        if len(probs) == info["num_layers"] and len(heads) == 1 and all(p.shape[2:] == (tokens, tokens) for p in probs):
+            h = heads.pop()
+            if h != info["num_heads"]:  # ConvBERT: half its heads are convolutions, the rest attention
+                info["config_geometry"] = [info["num_heads"], info["num_kv_heads"], info["head_dim"]]
+                info["num_heads"] = info["num_kv_heads"] = h
             info["capture"] = FALLBACK
             return
         raise UnsupportedFamilyError(
@@ -162,12 +177,22 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
             "layers in its config; some layers compute attention outside the interface (see --list-families)")
     if any(w is not None for w in windows) and info["causal"]:
         info["layer_windows"] = windows  # what each site's kernel receives (local / global layers)
-    want = (info["num_heads"], info["num_kv_heads"], info["head_dim"])
-    odd = [i for i, s in enumerate(seen) if s != want]
+    odd = [i for i, (h, kv, _) in enumerate(seen) if h <= 0 or kv <= 0 or h % kv]
     if odd:
         raise CaptureError(
-            f"attention site {odd[0]} has (heads, kv heads, head_dim) = {seen[odd[0]]}, the config says {want} "
-            "(heads that vary per layer are not supported)")
+            f"attention site {odd[0]} has {seen[odd[0]][0]} query heads on {seen[odd[0]][1]} key heads "
+            "(not equal groups)")
+    if len(set(seen)) > 1:  # heads or head size vary between layers: each site's own geometry
+        info["layer_heads"] = [list(g) for g in seen]
+        info["num_heads"] = max(h for h, _, _ in seen)
+        info["num_kv_heads"] = max(kv for _, kv, _ in seen)
+        info["head_dim"] = max(d for _, _, d in seen)
+        return
+    want = (info["num_heads"], info["num_kv_heads"], info["head_dim"])
+    if seen[0] != want:  # the config's fields do not describe the kernel's tensors (DeepSeek-V4: one
+        # K=V head whatever num_key_value_heads says): the calls are what the audit measures
+        info["config_geometry"] = list(want)
+        info["num_heads"], info["num_kv_heads"], info["head_dim"] = seen[0]
 
 
 def eager_attentions(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

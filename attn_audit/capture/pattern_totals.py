@@ -26,21 +26,21 @@ class PatternTotals:
 
     def fold(self, layer: int, pr: PatternRows, valid: torch.Tensor) -> None:
         """Add the pattern rows ``pr`` (fields (batch·head, R, ...)) of the valid rows ``valid``
-        (bool (batch, head, R))."""
+        (bool (batch, head, R); a layer with fewer heads than the largest fills the first ones)."""
         b, h, r = valid.shape
         v = valid.reshape(b * h, r)
-        self.rows[layer] += valid.sum(dim=(0, 2)).cpu().numpy()
+        self.rows[layer, :h] += valid.sum(dim=(0, 2)).cpu().numpy()
         vd = v.double()
         for name, curve in pr.kept.items():
             nbp = curve.shape[-1]
-            self.kept_sum[name][layer, :, :nbp] += (curve * vd[..., None]).view(b, h, r, nbp).sum(
+            self.kept_sum[name][layer, :h, :nbp] += (curve * vd[..., None]).view(b, h, r, nbp).sum(
                 dim=(0, 2)).cpu().numpy()
             need = pr.need[name].clamp(max=self.nb + 1)  # (G, R, E)
             e = need.shape[-1]
             head = torch.arange(h, device=need.device).repeat(b).view(b * h, 1, 1)
             eidx = torch.arange(e, device=need.device).view(1, 1, e)
             flat = ((head * e + eidx) * (self.nb + 2) + need)[v]
-            self.need_hist[name][layer] += torch.bincount(
+            self.need_hist[name][layer, :h] += torch.bincount(
                 flat.flatten(), minlength=h * e * (self.nb + 2)).view(h, e, self.nb + 2).cpu().numpy()
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -25,6 +25,9 @@ class RowTotals:
     A row counts when its query token is not padding, has at least ``min_keys`` allowed keys,
     and neither its Q, its sequence's K nor its scores hold NaN/inf (those rows are counted in
     ``nonfinite_rows`` instead).
+
+    ``num_heads`` is the largest layer's; a layer with fewer heads (the number of heads read
+    from ``m``) folds into its first ones, the others stay empty.
     """
 
     ADDED = ("pos_k", "pos_kfrac", "pos_rows", "seq_k", "seq_kfrac", "seq_ksink", "seq_rows", "tail",
@@ -54,9 +57,10 @@ class RowTotals:
         """Bool (batch, head, R): the rows :meth:`fold` counts (same rule, for other totals
         folded beside these, e.g. :class:`attn_audit.capture.pattern_totals.PatternTotals`)."""
         b, R = mask.shape[0], len(blk)
-        n = m.n_keys.view(b, self.H, R)
+        n = m.n_keys.view(b, -1, R)
+        H = n.shape[1]
         ok_q = mask[:, blk][:, None, :] & ~q_bad[:, :, blk] & ~seq_bad[:, :, None]
-        finite = torch.isfinite(m.max_abs_score.view(b, self.H, R)) & torch.isfinite(m.entropy.view(b, self.H, R))
+        finite = torch.isfinite(m.max_abs_score.view(b, H, R)) & torch.isfinite(m.entropy.view(b, H, R))
         return mask[:, blk][:, None, :] & (n >= max(self.min_keys, 1)) & ok_q & finite
 
     def fold(self, layer: int, m: RowMetrics, blk: torch.Tensor, mask: torch.Tensor, q_bad: torch.Tensor,
@@ -67,16 +71,17 @@ class RowTotals:
 
         Returns per-row features (batch, head, R, F) for the row reservoir.
         """
-        H, E = self.H, self.E
+        E = self.E
         b = mask.shape[0]
         R = len(blk)
-        n = m.n_keys.view(b, H, R)
+        n = m.n_keys.view(b, -1, R)
+        H = n.shape[1]  # this layer's heads (<= self.H)
         k_eps = m.k_eps.view(b, H, R, E)
         ok_q = mask[:, blk][:, None, :] & ~q_bad[:, :, blk] & ~seq_bad[:, :, None]
         finite = torch.isfinite(m.max_abs_score.view(b, H, R)) & torch.isfinite(m.entropy.view(b, H, R))
         allowed = mask[:, blk][:, None, :] & (n >= max(self.min_keys, 1))
         valid = allowed & ok_q & finite
-        self.nonfinite_rows[layer] += (allowed & ~(ok_q & finite)).sum(dim=(0, 2)).cpu().numpy()
+        self.nonfinite_rows[layer, :H] += (allowed & ~(ok_q & finite)).sum(dim=(0, 2)).cpu().numpy()
         vf = valid.double()
         nd = n.double().clamp(min=1)
         kfrac = k_eps.double() / nd[..., None]
@@ -85,31 +90,31 @@ class RowTotals:
         h_idx = torch.arange(H, device=kk.device).view(1, H, 1, 1)
         e_idx = torch.arange(E, device=kk.device).view(1, 1, 1, E)
         flat = ((h_idx * E + e_idx) * (self.seq_len + 1) + kk)[valid]
-        self.k_hist[layer] += torch.bincount(flat.flatten(), minlength=H * E * (self.seq_len + 1)).view(
+        self.k_hist[layer, :H] += torch.bincount(flat.flatten(), minlength=H * E * (self.seq_len + 1)).view(
             H, E, self.seq_len + 1
         ).cpu()
         vE = vf[..., None]
         sl = slice(seq_start, seq_start + b)
-        self.seq_k[sl, layer] += (k_eps.double() * vE).sum(2).cpu().numpy()
-        self.seq_kfrac[sl, layer] += (kfrac * vE).sum(2).cpu().numpy()
-        self.seq_ksink[sl, layer] += (m.k_eps_sinks.view(b, H, R, E).double() * vE).sum(2).cpu().numpy()
-        self.seq_rows[sl, layer] += valid.sum(2).cpu().numpy()
+        self.seq_k[sl, layer, :H] += (k_eps.double() * vE).sum(2).cpu().numpy()
+        self.seq_kfrac[sl, layer, :H] += (kfrac * vE).sum(2).cpu().numpy()
+        self.seq_ksink[sl, layer, :H] += (m.k_eps_sinks.view(b, H, R, E).double() * vE).sum(2).cpu().numpy()
+        self.seq_rows[sl, layer, :H] += valid.sum(2).cpu().numpy()
         # by position: log2 bins of n_i
         pbin = torch.floor(torch.log2(nd)).long().clamp(0, self.nbins - 1)  # (b, H, R)
         hb = (torch.arange(H, device=pbin.device).view(1, H, 1) * self.nbins + pbin)[valid]  # valid rows
-        self.pos_rows[layer] += torch.bincount(hb, minlength=H * self.nbins).view(H, self.nbins).cpu().numpy()
+        self.pos_rows[layer, :H] += torch.bincount(hb, minlength=H * self.nbins).view(H, self.nbins).cpu().numpy()
         heb = (hb[:, None] // self.nbins * E + e_idx.view(1, E)) * self.nbins + (hb % self.nbins)[:, None]
         for acc, val in ((self.pos_k, k_eps.double()[valid]), (self.pos_kfrac, kfrac[valid])):
-            acc[layer] += torch.bincount(heb.flatten(), weights=val.flatten(),
+            acc[layer, :H] += torch.bincount(heb.flatten(), weights=val.flatten(),
                                          minlength=H * E * self.nbins).view(H, E, self.nbins).cpu().numpy()
         nb = self.B
         tail = m.tail_mass.view(b, H, R, nb).double().nan_to_num(0.0)
-        self.tail[layer] += (tail * vf[..., None]).sum(dim=(0, 2)).cpu().numpy()
+        self.tail[layer, :H] += (tail * vf[..., None]).sum(dim=(0, 2)).cpu().numpy()
         for name in self.sums:
             val = getattr(m, name).view(b, H, R).double().nan_to_num(0.0)
-            self.sums[name][layer] += (val * vf).sum(dim=(0, 2)).cpu().numpy()
+            self.sums[name][layer, :H] += (val * vf).sum(dim=(0, 2)).cpu().numpy()
         mx = m.max_abs_score.view(b, H, R).double().masked_fill(~valid, -math.inf).amax(dim=(0, 2))
-        self.max_abs_score[layer] = np.maximum(self.max_abs_score[layer], mx.cpu().numpy())
+        self.max_abs_score[layer, :H] = np.maximum(self.max_abs_score[layer, :H], mx.cpu().numpy())
         feats = torch.stack(
             [
                 n.double(),

@@ -57,6 +57,9 @@ def validate_against_model(
     query heads split evenly over the ranks and KV heads split or replicate evenly. Raises
     :class:`ExportError` naming the first problem.
     """
+    if model_info.get("layer_heads"):
+        raise ExportError("model config: the number of heads or the head size varies between layers "
+                          "(model.layer_heads); the export formats assume one head count per layer")
     values = {}
     for name in _ALIASES:
         value = _field(model_info, name)

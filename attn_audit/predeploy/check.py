@@ -46,7 +46,8 @@ def check_config(model: Any, tokenizer: Any, info: dict[str, Any], path: str, se
         "file": str(path),
         "format": fmt,
         "settings": settings,
-        "heads_total": info["num_layers"] * info["num_heads"],
+        "heads_total": (sum(g[0] for g in info["layer_heads"]) if info.get("layer_heads")
+                        else info["num_layers"] * info["num_heads"]),
         "heads_sparse": len(sparse),
         "eps": eps,
         "loss_rule": f"a head loses more than eps when its {LOSS_QUANTILE:.0%} quantile of per-row lost mass does",

@@ -27,6 +27,7 @@ def _aggregate(members: list[_Eval], ctx: _Ctx, layer: int, kv_head: int | None)
     agg.kfrac_measured = max(m.kfrac_measured for m in measured)
     agg.stability = min(m.stability for m in measured)
     agg.window = measured[0].window  # one layer: one window
+    agg.head_dim = measured[0].head_dim  # one layer: one head size
     agg.oracle_saving = flops_saving(ctx.target, agg.k, ctx.causal, agg.window)
     kernel = [m.saving for m in measured if m.kernel is not None]
     agg.saving = min(kernel) if kernel else agg.oracle_saving

@@ -30,9 +30,12 @@ def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
     config = config or PlanConfig()
     ctx, evals = _evaluate_all(result, config)
     model = result.model
-    total = max(
-        len(result.heads), int(model.get("num_layers") or 0) * int(model.get("num_heads") or 0)
-    )
+    if model.get("layer_heads"):  # heads vary per layer: each layer's own count
+        total = max(len(result.heads), sum(int(g[0]) for g in model["layer_heads"]))
+    else:
+        total = max(
+            len(result.heads), int(model.get("num_layers") or 0) * int(model.get("num_heads") or 0)
+        )
     kernel = any(ev.kernel is not None for ev in evals)
     weight = _kernel_weights(evals, ctx, total) if kernel else _head_weights(evals, ctx, total)
     plan, excluded = [], []
@@ -57,7 +60,7 @@ def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
 def _dense_flops(evals: list[_Eval], ctx: _Ctx, total: int) -> int:
     """Dense attention FLOPs of all heads at the target length (windowed layers see fewer keys)."""
     full = attention_flops(ctx.target, ctx.head_dim, ctx.causal)
-    return sum(attention_flops(ctx.target, ctx.head_dim, ctx.causal, ev.window) for ev in evals) + \
+    return sum(attention_flops(ctx.target, ev.head_dim or ctx.head_dim, ctx.causal, ev.window) for ev in evals) + \
         full * (total - len(evals))
 
 
@@ -66,26 +69,32 @@ def _dense_tiles_flops(evals: list[_Eval], ctx: _Ctx, total: int) -> int:
     computes them (the denominator of the kernel savings)."""
     block = next(int(ev.kernel["block_size"]) for ev in evals if ev.kernel is not None)
     full = pattern_flops(ctx.target, block, ctx.head_dim, ctx.causal, "dense", 0)
-    return sum(pattern_flops(ctx.target, block, ctx.head_dim, ctx.causal, "dense", 0, window=ev.window)
+    return sum(pattern_flops(ctx.target, block, ev.head_dim or ctx.head_dim, ctx.causal, "dense", 0, window=ev.window)
                for ev in evals) + full * (total - len(evals))
+
+
+def _costs_differ(evals: list[_Eval]) -> bool:
+    """Whether heads differ in dense cost: a windowed layer, or head sizes that vary per layer."""
+    return any(ev.window for ev in evals) or len({ev.head_dim for ev in evals}) > 1
 
 
 def _head_weights(evals: list[_Eval], ctx: _Ctx, total: int) -> Callable[[_Eval], float]:
     """A head's share of the model's dense attention FLOPs (1/total when no layer is windowed)."""
-    if not any(ev.window for ev in evals):
+    if not _costs_differ(evals):
         return lambda ev: 1.0 / total if total else 0.0
     dense = _dense_flops(evals, ctx, total)
-    return lambda ev: attention_flops(ctx.target, ctx.head_dim, ctx.causal, ev.window) / dense if dense else 0.0
+    return lambda ev: (attention_flops(ctx.target, ev.head_dim or ctx.head_dim, ctx.causal, ev.window) / dense
+                       if dense else 0.0)
 
 
 def _kernel_weights(evals: list[_Eval], ctx: _Ctx, total: int) -> Callable[[_Eval], float]:
-    """A head's share of the model's dense attention tiles (1/total when no layer is windowed)."""
-    if not any(ev.window for ev in evals):
+    """A head's share of the model's dense attention tiles (1/total when all heads cost the same)."""
+    if not _costs_differ(evals):
         return lambda ev: 1.0 / total if total else 0.0
     block = next(int(ev.kernel["block_size"]) for ev in evals if ev.kernel is not None)
     dense = _dense_tiles_flops(evals, ctx, total)
-    return lambda ev: (pattern_flops(ctx.target, block, ctx.head_dim, ctx.causal, "dense", 0, window=ev.window)
-                       / dense if dense else 0.0)
+    return lambda ev: (pattern_flops(ctx.target, block, ev.head_dim or ctx.head_dim, ctx.causal, "dense", 0,
+                                     window=ev.window) / dense if dense else 0.0)
 
 
 def _excluded_entry(ev: _Eval, ctx: _Ctx) -> dict[str, Any]:

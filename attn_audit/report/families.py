@@ -65,8 +65,11 @@ def render_markdown(table: dict[str, Any], heading_level: int = 2) -> str:
         "masked-LM registries of the installed transformers (and the T5 / BART encoder-decoders) with the "
         "family's attention options on (sliding window shorter than the sequence, soft-cap, sinks, MoE, "
         "QK-norm, head_dim != hidden/heads) and compares the audit's captured probabilities with the model's "
-        "eager `output_attentions`, per query row over the allowed keys, to 1e-5. `attn-audit "
-        "--list-families` prints the same table.",
+        "eager `output_attentions`, per query row over the allowed keys, to 1e-5. A type beyond 1e-5 is "
+        "compared again with the model in float64: it passes only if the capture (which scores in float32) "
+        "is then within 1e-5, or within the amount by which the model's own float32 eager attention differs "
+        "from float64 (large logits, e.g. head_dim 512 at scaling 1); its reason says which. "
+        "`attn-audit --list-families` prints the same table.",
         "",
         f"**{summary_line(table)}.**",
         "",

@@ -52,6 +52,20 @@ _SKIPPED = frozenset(
 _LETTER_SEVERITY = {"-": 0, "G": 1, "?": 2, "L": 3, "S": 4, "H": 5, "O": 6}
 
 
+def heads_shape(model: dict[str, Any], query: str = "query heads") -> str:
+    """"<H> query heads, <H_kv> KV heads", or where they vary per layer (``model.layer_heads``)
+    their ranges and "(varies per layer)"."""
+    per_layer = model.get("layer_heads")
+    if not per_layer:
+        return f"{model.get('num_heads', '?')} {query}, {model.get('num_kv_heads', '?')} KV heads"
+
+    def span(i: int) -> str:
+        lo, hi = min(g[i] for g in per_layer), max(g[i] for g in per_layer)
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+    return f"{span(0)} {query}, {span(1)} KV heads, head_dim {span(2)} (varies per layer)"
+
+
 def head_label(rec: dict[str, Any]) -> str:
     """``L{layer}.H{head}``, zero-based, as shown everywhere in text."""
     return f"L{rec['layer']}.H{rec['head']}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from attn_audit.report.formatting import fmt_num
+from attn_audit.report.formatting import fmt_num, heads_shape
 from attn_audit.report.headlines import (
     NOT_RUN,
     gate_counts,
@@ -96,8 +96,8 @@ def _summary_facts(page: Page) -> list[tuple[str, str]]:
         ("model", f"{model.get('name')} ({model.get('family')}, {model.get('source')})"),
         (
             "shape",
-            f"{model.get('num_layers')} layers x {model.get('num_heads')} query heads, "
-            f"{model.get('num_kv_heads')} KV heads, head_dim {model.get('head_dim')}, "
+            f"{model.get('num_layers')} layers x {heads_shape(model)}"
+            f"{'' if model.get('layer_heads') else ', head_dim ' + str(model.get('head_dim'))}, "
             f"{model.get('dtype')}, {'causal' if model.get('causal') else 'bidirectional'}"
             f", {'RoPE' if model.get('rope') else 'no RoPE'}",
         ),

