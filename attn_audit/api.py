@@ -120,7 +120,7 @@ def audit(
         verify_plan(model, result, all_data[-1].held_out, config, pad)
         _retrieval(model, tokenizer, result, all_data, config, info)
         if config.measure_speed:
-            _speed(result, config, info)
+            _speed(model, result, config, all_data, info)
 
     # someone else's pattern config: measured on the held-out sequences and verified like a plan
     if config.check_config:
@@ -136,18 +136,33 @@ def audit(
     return result
 
 
-def _speed(result: AuditResult, config: AuditConfig, info: dict[str, Any]) -> None:
-    """``verify.speed``: the plan's attention timed against the dense kernel per layer."""
-    from attn_audit.predeploy import attention_speed, flex_window_attention
+def _speed(model: Any, result: AuditResult, config: AuditConfig, all_data: list[TokenData],
+           info: dict[str, Any]) -> None:
+    """``verify.speed``: the kernel plan, as ``apply_plan`` runs it, timed against the model's own
+    kernel per layer and head at the target length, on the dataset's own tokens."""
+    import torch
 
+    from attn_audit.apply import load_plan
+    from attn_audit.export.base import ExportError
+    from attn_audit.predeploy import plan_speed
+
+    verify = result.data["verify"]
+    try:
+        loaded = load_plan(result)
+    except ExportError as exc:
+        verify["speed"] = {"skipped_reason": f"no kernel plan to time ({exc})"}
+        return
+    if not loaded.heads:
+        verify["speed"] = {"skipped_reason": "the kernel plan keeps every head dense"}
+        return
     summary = result.data.get("plan_summary") or {}
-    n = int(summary.get("target_len") or config.seq_len)
-    device = _resolve_device(config.device)
-    factory = flex_window_attention(n, int(info["num_heads"]), int(result.run.get("sinks", 1)), device=device)
-    result.data["verify"]["speed"] = attention_speed(
-        info, result.data.get("plan") or [], n, factory, device=device,
-        planned_flops_saving=summary.get("planned_flops_saving"),
-        label="compiled FlexAttention, each planned head on sinks + a window of its k (a stand-in pattern)")
+    n = int(loaded.source.get("target_len") or summary.get("target_len") or config.seq_len)
+    n = min(n, info["max_positions"] or n)
+    tokens = _filler(all_data) or [0]
+    tokens = (tokens * (n // len(tokens) + 1))[:n]
+    verify["speed"] = plan_speed(model, loaded.source, torch.tensor([tokens]), warmup=1, reps=3,
+                                 oracle_flops_saving=summary.get("planned_flops_saving"),
+                                 label="the kernel plan (apply_plan): compiled FlexAttention per head pattern")
 
 
 def _filler(all_data: list[TokenData]) -> list[int]:
