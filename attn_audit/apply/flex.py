@@ -97,7 +97,8 @@ def remove_plan(model: Any) -> None:
         del model._attn_audit_previous
 
 
-def _model_kernel(name: str) -> Any:
+def model_kernel(name: str) -> Any:
+    """The model's own attention function registered under ``name`` (``sdpa`` when unknown)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -108,7 +109,7 @@ def _flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query (B, H, n, d), key/value (B, Hkv, n, d) -> output (B, n, H, d)."""
     state: _LayerState | None = getattr(module, _STATE_ATTR, None)
-    own = _model_kernel(state.previous if state else "sdpa")
+    own = model_kernel(state.previous if state else "sdpa")
     n = query.shape[2]
     if state is None or not state.heads or key.shape[2] != n or n < 2:
         return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -280,7 +281,7 @@ def planned_attention(call: AttentionCall, heads: dict[int, HeadPattern], block:
     lm = mask if mask is not None else layer_mask(call, heads, block)
     nb = lm.tiles.shape[2]
     step = nb if compile else max(1, EAGER_CHUNK_ELEMENTS // (B * H * n * block))
-    fn = _flex_fn(compile)
+    fn = flex_kernel(compile)
     out = torch.empty_like(q)
     rest = [h for h in range(H) if h not in heads]
     plain = call.attention_mask is None and call.is_causal and not call.sliding_window
@@ -307,7 +308,8 @@ def planned_attention(call: AttentionCall, heads: dict[int, HeadPattern], block:
     return out
 
 
-def _flex_fn(compile: bool) -> Any:
+def flex_kernel(compile: bool) -> Any:
+    """``flex_attention``, compiled once per process (``dynamic=False``) when ``compile``."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if not compile:

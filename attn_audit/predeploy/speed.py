@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from attn_audit.apply.flex import _flex_fn, _model_kernel, layer_mask, planned_attention
+from attn_audit.apply.flex import flex_kernel, model_kernel, layer_mask, planned_attention
 from attn_audit.apply.plan import LoadedPlan, load_plan
 from attn_audit.capture.interface import AttentionCall, capturing
 
@@ -80,7 +80,7 @@ class _LayerTimer:
         n = q.shape[2]
         if not heads or k.shape[2] != n or q.shape[0] != 1:
             return None
-        own = _model_kernel(self.previous)
+        own = model_kernel(self.previous)
         kw = {"scaling": call.scaling, "dropout": 0.0, "is_causal": call.is_causal}
         if call.sliding_window:
             kw["sliding_window"] = call.sliding_window
@@ -90,7 +90,7 @@ class _LayerTimer:
         block = self.plan.block_size
         groups = q.shape[1] // k.shape[1]
         lm = layer_mask(call, heads, block)
-        flex = _flex_fn(True)
+        flex = flex_kernel(True)
 
         def dense_head(h: int) -> Any:
             a = lm.allowed
