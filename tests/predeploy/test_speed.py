@@ -89,3 +89,28 @@ def test_cli_refuses_measure_speed_without_verify_and_a_missing_config_before_lo
     assert capsys.readouterr().err.strip() == f"attn-audit: error: --check-config {tmp_path / 'nope.json'}: no such file"
     assert main(["--load", str(tmp_path / "audit.json"), "--check-config", "x.json"]) == 2
     assert "cannot be combined with --load" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_audit_measures_the_kernel_plan_and_the_gate_reads_it(minilm):
+    """--verify --measure-speed on a real encoder: verify.speed times the audit's kernel plan per
+    planned layer and head, and the gate's measured_attention_speedup reads it."""
+    from attn_audit import AuditConfig, MeasureSpec, audit
+    from attn_audit.apply import load_plan
+    from attn_audit.gate import decide, parse
+    from attn_audit.report.predeploy import speed_lines
+
+    cfg = AuditConfig(seq_lens=(64,), num_sequences=2, reservoir_size=64, verify=True, verify_sequences=1,
+                      measure_speed=True, measure=MeasureSpec(block_size=16, rows_per_sequence=None))
+    result = audit(minilm.model, minilm.tokenizer, ["a few words of text here, " * 40] * 4, cfg, name="mini")
+    sp = result.data["verify"]["speed"]
+    planned = load_plan(result)
+    assert sp["seq_len"] == 64 and sp["block_size"] == planned.block_size == 16
+    assert {x["layer"] for x in sp["layers"]} == {la for la, _ in planned.heads}
+    assert sum(x["heads_planned"] for x in sp["layers"]) == len(planned.heads)
+    assert sp["predicted_flops_speedup"] == pytest.approx(1 / (1 - planned.source["kernel_flops_saving"]))
+    value = sp["attention_speedup"]
+    outcome = decide(result, [parse(f"measured_attention_speedup >= {value + 1}")])
+    gate = outcome.to_dict()
+    assert gate["metrics"]["measured_attention_speedup"] == value and gate["passed"] is False
+    assert speed_lines(result)[0].startswith("Measured attention speedup at 64 tokens on cpu")
