@@ -114,3 +114,20 @@ def test_audit_measures_the_kernel_plan_and_the_gate_reads_it(minilm):
     gate = outcome.to_dict()
     assert gate["metrics"]["measured_attention_speedup"] == value and gate["passed"] is False
     assert speed_lines(result)[0].startswith("Measured attention speedup at 64 tokens on cpu")
+
+
+def test_speed_lines_name_the_heads_and_layers_kept_dense():
+    from types import SimpleNamespace
+
+    from attn_audit.report.predeploy import speed_lines
+
+    sp = {"seq_len": 4096, "device": "cpu", "attention_speedup": 1.0, "predicted_flops_speedup": 1.63,
+          "oracle_flops_speedup": 4.19, "plan_attention": "kernel plan", "compile_s": 260.0,
+          "heads_kept_dense": [{"layer": 0, "head": h} for h in range(14)], "layers_kept_dense": [0, 3]}
+    lines = speed_lines(SimpleNamespace(data={"verify": {"speed": sp}}))
+    assert lines[0] == ("Measured attention speedup at 4096 tokens on cpu: 1.00x (kernel FLOPs predict 1.63x, "
+                        "oracle top-k bound 4.19x); plan attention: kernel plan; compilation 260.0 s apart.")
+    assert lines[1].startswith("Heads measured slower than dense and kept dense (14): L0.H0, L0.H1")
+    assert lines[1].endswith("L0.H11 and 2 more.") and lines[2].endswith(": 0, 3.")
+    skipped = speed_lines(SimpleNamespace(data={"verify": {"speed": {"skipped_reason": "no kernel plan"}}}))
+    assert skipped == ["Attention speed not measured: no kernel plan."]
