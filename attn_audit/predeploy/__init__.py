@@ -23,7 +23,7 @@ from attn_audit.predeploy.retrieval import (
     retrieval_check,
     retrieved,
 )
-from attn_audit.predeploy.speed import plan_speed
+from attn_audit.predeploy.speed import measured_plan, plan_speed
 
 __all__ = [
     "DEPTHS",
@@ -34,6 +34,7 @@ __all__ = [
     "detect_format",
     "keep_mask",
     "kept_mass",
+    "measured_plan",
     "pattern_installer",
     "plan_speed",
     "read_config",

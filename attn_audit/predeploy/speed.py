@@ -25,7 +25,8 @@ Model-wide ``attention_speedup`` = Σ dense_ms / Σ min(plan_ms, dense_ms) over 
 without planned heads count dense / dense), next to ``predicted_flops_speedup`` = 1 / (1 − the
 plan's kernel FLOPs saving) and ``oracle_flops_speedup`` = 1 / (1 − the oracle top-k saving);
 per layer, ``predicted_tile_speedup`` counts the computed tiles of this input's block masks.
-Compilation (the first call per shape) is timed apart as ``compile_s``.
+Compilation (the first call per shape) is timed apart as ``compile_s``. :func:`measured_plan`
+turns the plan into the one measured: those heads and layers set to ``dense``.
 """
 
 from __future__ import annotations
@@ -189,3 +190,21 @@ def plan_speed(model: Any, plan: Any, ids: torch.Tensor, *, label: str, oracle_f
         "rule": "a head whose FlexAttention time is above one head of dense sdpa is kept dense; a layer whose "
                 "mask building + kernel time stays above the dense layer is kept dense",
     }
+
+
+def measured_plan(flex_plan: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
+    """``flex_plan`` (a flex plan dict, e.g. ``load_plan(result).source``) with the heads and layers
+    ``speed`` (a ``verify.speed`` block) measured slower than dense set to ``dense``: the plan as
+    measured, ready for :func:`attn_audit.apply_plan` or ``flex_plan.json``."""
+    import copy
+
+    out = copy.deepcopy(flex_plan)
+    dense = {(h["layer"], h["head"]) for h in speed.get("heads_kept_dense") or []}
+    layers = set(speed.get("layers_kept_dense") or [])
+    for layer, entry in enumerate(out["layers"]):
+        for head in entry:
+            if layer in layers or (layer, int(head)) in dense:
+                entry[head] = {"pattern": "dense"}
+    out["speed_fallback"] = {"heads_kept_dense": len(dense), "layers_kept_dense": sorted(layers),
+                             "rule": speed.get("rule")}
+    return out

@@ -131,3 +131,17 @@ def test_speed_lines_name_the_heads_and_layers_kept_dense():
     assert lines[1].endswith("L0.H11 and 2 more.") and lines[2].endswith(": 0, 3.")
     skipped = speed_lines(SimpleNamespace(data={"verify": {"speed": {"skipped_reason": "no kernel plan"}}}))
     assert skipped == ["Attention speed not measured: no kernel plan."]
+
+
+def test_measured_plan_sets_slow_heads_and_layers_dense():
+    from attn_audit.apply import load_plan
+    from attn_audit.predeploy import measured_plan
+
+    model = tiny_model("llama")
+    plan = _plan(model, [MIXED, MIXED])
+    sp = {"heads_kept_dense": [{"layer": 0, "head": 2}], "layers_kept_dense": [1], "rule": "r"}
+    out = measured_plan(plan, sp)
+    loaded = load_plan(out, model.config.to_dict())
+    assert set(loaded.heads) == {(0, 0), (0, 3)}
+    assert plan["layers"][1]["0"]["pattern"] == "streaming"  # the input is not changed
+    assert out["speed_fallback"] == {"heads_kept_dense": 1, "layers_kept_dense": [1], "rule": "r"}
