@@ -196,9 +196,9 @@ def measured_plan(flex_plan: dict[str, Any], speed: dict[str, Any]) -> dict[str,
     """``flex_plan`` (a flex plan dict, e.g. ``load_plan(result).source``) with the heads and layers
     ``speed`` (a ``verify.speed`` block) measured slower than dense set to ``dense``: the plan as
     measured, ready for :func:`attn_audit.apply_plan` or ``flex_plan.json``."""
-    import copy
+    import json
 
-    out = copy.deepcopy(flex_plan)
+    out = json.loads(json.dumps(flex_plan))  # a plain copy: layers that share one dict are split
     dense = {(h["layer"], h["head"]) for h in speed.get("heads_kept_dense") or []}
     layers = set(speed.get("layers_kept_dense") or [])
     for layer, entry in enumerate(out["layers"]):
