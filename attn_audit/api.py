@@ -112,89 +112,15 @@ def audit(
     stages.lap("rank")
     result.run["statistics_s"] = round(time.perf_counter() - t1, 3)  # elapsed_s: data + capture
 
-    # verify: the plan inside the model on held-out sequences
-    if config.verify and info["capture"] == FALLBACK:
-        result.data["verify"] = {"skipped_reason": "attention computed outside the interface: the plan cannot be "
-                                 "applied inside the model"}
-    elif config.verify:
-        from attn_audit.verify import has_kernel_plan, search_plan, verify_plan
+    # verify and the pre-deployment checks: the plan inside the model on held-out sequences,
+    # passkeys, the search to a budget, measured speed; someone else's config
+    if config.verify or config.check_config:
+        from attn_audit.predeploy.stage import run_checks
 
-        verify_plan(model, result, all_data[-1].held_out, config, pad)
-        passkeys = _retrieval(model, tokenizer, result, all_data, config, info)
-        if has_kernel_plan(result):
-            search_plan(model, result, all_data[-1].held_out, config, pad, passkeys)
-        if config.measure_speed:
-            _speed(result, config, info)
-
-    # someone else's pattern config: measured on the held-out sequences and verified like a plan
-    if config.check_config:
-        from attn_audit.predeploy import check_config
-
-        result.data["check_config"] = check_config(
-            model, tokenizer, info, config.check_config, all_data[-1].held_out, _filler(all_data),
-            eps=float(result.data.get("plan_summary", {}).get("eps_key") or result.primary_eps_key),
-            batch_size=config.batch_size, pad_id=pad, retrieval_samples=config.retrieval_samples,
-            retrieval_lens=_retrieval_lens(result, config, info), seed=config.seed)
+        run_checks(model, tokenizer, result, all_data, config, info, pad)
     stages.lap("verify")
     stages.record(result.run)
     return result
-
-
-def _speed(result: AuditResult, config: AuditConfig, info: dict[str, Any]) -> None:
-    """``verify.speed``: the plan's attention timed against the dense kernel per layer."""
-    from attn_audit.predeploy import attention_speed, flex_window_attention
-
-    summary = result.data.get("plan_summary") or {}
-    n = int(summary.get("target_len") or config.seq_len)
-    device = _resolve_device(config.device)
-    factory = flex_window_attention(n, int(info["num_heads"]), int(result.run.get("sinks", 1)), device=device)
-    result.data["verify"]["speed"] = attention_speed(
-        info, result.data.get("plan") or [], n, factory, device=device,
-        planned_flops_saving=summary.get("planned_flops_saving"),
-        label="compiled FlexAttention, each planned head on sinks + a window of its k (a stand-in pattern)")
-
-
-def _filler(all_data: list[TokenData]) -> list[int]:
-    """The dataset's own tokens (held-out first, then audited) to hide passkeys in."""
-    return [t for td in all_data for seq in (*td.held_out, *td.sequences) for t in seq]
-
-
-def _retrieval_lens(result: AuditResult, config: AuditConfig, info: dict[str, Any]) -> tuple[int, ...]:
-    """``--retrieval-len``, else the plan's target length (at most the model's positions)."""
-    target = int((result.data.get("plan_summary") or {}).get("target_len") or config.seq_len)
-    return config.retrieval_lens or (min(target, info["max_positions"] or target),)
-
-
-def _retrieval(model: Any, tokenizer: Any, result: AuditResult, all_data: list[TokenData], config: AuditConfig,
-               info: dict[str, Any]) -> Any:
-    """``verify.retrieval``: passkey accuracy, dense and with the plan installed (causal LMs only).
-    Returns the prompts with their dense outcomes (a ``RetrievalProbe``) for the plan search, or
-    None where the check did not run."""
-    verify = result.data.get("verify")
-    if not isinstance(verify, dict) or config.retrieval_samples == 0:
-        return None
-    if not info["causal"]:
-        verify["retrieval"] = {"skipped_reason": "an encoder does not generate, so there is no passkey to ask for"}
-        return None
-    if all_data[-1].kind != "text":
-        verify["retrieval"] = {"skipped_reason": "pre-tokenized data: no text stream to hide a passkey in"}
-        return None
-    from attn_audit.predeploy.retrieval import prepare_retrieval
-    from attn_audit.verify import plan_installer
-
-    lengths = _retrieval_lens(result, config, info)
-    label = plan_installer(result, lengths[0])[1]
-    try:
-        probe = prepare_retrieval(model, tokenizer, _filler(all_data), lengths, config.retrieval_samples,
-                                  seed=config.seed, batch_size=config.batch_size)
-    except ValueError as exc:  # a length too short to hold the instruction, the key and the question
-        if config.retrieval_lens:
-            raise ConfigError(f"--retrieval-len: {exc}; use a longer length") from None
-        verify["retrieval"] = {"skipped_reason": f"the target length is too short for a passkey prompt ({exc}); "
-                                                 "give --retrieval-len"}
-        return None
-    verify["retrieval"] = probe.check(model, lambda n: plan_installer(result, n)[0], label)
-    return probe
 
 
 def load_audit(path: str, *, target_len: int | None = None) -> AuditResult:

@@ -29,7 +29,7 @@ HEAD = {
     "tail_mass?": {"*": "num?"},
     "entropy_mean?": "num?", "participation_mean?": "num?", "sink_mass_mean?": "num?",
     "local_mass_mean?": "num?", "bulk_mass_mean?": "num?", "nonfinite_rows?": "int?",
-    "R?": {"*": "num?"},
+    "R?": {"note?": "str", "*": "num?"},  # note: why weight-based R is absent, or its form
     "gaussianity?": {"*": {"verdict?": "str?", "*": "any"}},
     "by_length?": {"*": {"sparsity?": {"*": _NUMS}, "*": "any"}},
     "flags?": ["str"], "score?": "num?", "rank?": "int?",

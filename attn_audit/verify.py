@@ -219,11 +219,20 @@ KERNEL_LABEL = "kernel patterns run by FlexAttention (apply_plan)"
 ORACLE_LABEL = "oracle top-k simulation, an upper bound"
 
 
-def kernel_installer(result: AuditResult, heads: int | None = None) -> Callable[[Any], AbstractContextManager[Any]]:
+COMPILE_FROM = 2048
+"""From this length on the pre-deployment checks run the plan with compiled FlexAttention: eager
+FlexAttention computes every (query, key) score and evaluates the mask on the whole grid (in
+bounded query chunks, but the work is quadratic), while the compiled kernel skips the tiles the
+plan drops; one compilation per shape (tens of seconds on CPU) is then the smaller cost."""
+
+
+def kernel_installer(result: AuditResult, heads: int | None = None,
+                     compile: bool = False) -> Callable[[Any], AbstractContextManager[Any]]:
     """An installer that runs ``result``'s kernel plan (``plan[]``: each head's block pattern; with
     ``heads``, only its first ``heads`` entries) inside the model with
-    :func:`attn_audit.apply.apply_plan`, and restores the model after. Eager FlexAttention: the
-    same kept keys as the compiled kernel, without the compile time."""
+    :func:`attn_audit.apply.apply_plan`, and restores the model after. Eager FlexAttention by
+    default (the same kept keys as the compiled kernel, without the compile time); ``compile``:
+    the compiled kernel."""
     from attn_audit.export.flex import flex_plan_of
 
     plan = flex_plan_of(result, heads)
@@ -232,7 +241,7 @@ def kernel_installer(result: AuditResult, heads: int | None = None) -> Callable[
     def install(model: Any) -> Iterator[None]:
         from attn_audit.apply import apply_plan, remove_plan
 
-        apply_plan(model, plan, compile=False)
+        apply_plan(model, plan, compile=compile)
         try:
             yield
         finally:
@@ -249,10 +258,11 @@ def has_kernel_plan(result: AuditResult) -> bool:
 def plan_installer(result: AuditResult, n: int) -> tuple[Callable[[Any], AbstractContextManager[Any]], str]:
     """The one pluggable step of the pre-deployment checks: ``(install, label)`` where
     ``install(model)`` is a context manager that runs ``result``'s plan inside the model at length ``n``:
-    the kernel plan through FlexAttention where the audit measured patterns, else the oracle top-k
-    simulation (:func:`oracle_installer`), labelled as the bound it is."""
+    the kernel plan through FlexAttention where the audit measured patterns (compiled from
+    :data:`COMPILE_FROM` tokens on), else the oracle top-k simulation (:func:`oracle_installer`),
+    labelled as the bound it is."""
     if has_kernel_plan(result):
-        return kernel_installer(result), KERNEL_LABEL
+        return kernel_installer(result, compile=n >= COMPILE_FROM), KERNEL_LABEL
     plan = result.data.get("plan") or []
     target = (result.data.get("plan_summary") or {}).get("target_len") or n
     budgets, _ = _plan_budgets(plan, target, n)
@@ -328,7 +338,7 @@ def search_plan(model: Any, result: AuditResult, held_out: list[list[int]], conf
             sparse, _ = _plain_pass(model, held_out, bs, pad_id, causal)
         metrics: dict[str, Any] = _compare(dense, sparse, masks, held_out, causal)
         if retrieval is not None:
-            metrics["retrieval_drop"] = retrieval.drop(model, lambda n: kernel_installer(result, m))
+            metrics["retrieval_drop"] = retrieval.drop(model, lambda n: kernel_installer(result, m, compile=n >= COMPILE_FROM))
         return metrics
 
     def ok(metrics: dict[str, Any]) -> bool:

@@ -18,6 +18,17 @@ calls, and the speedup against sdpa. Compile time (the first call per shape) and
 reported apart. FlexAttention on CPU needs ``torch.compile`` (the system C++ compiler builds it).
 
     python benchmarks/bench_attention.py --lens 1024,4096 --reps 5
+
+``--plan`` times a real kernel plan instead (:func:`attn_audit.predeploy.plan_speed`, what
+``--verify --measure-speed`` records): the model runs one sequence of the bundled corpus at
+``--n`` tokens and every layer's attention, on its real Q/K/V, is timed as ``apply_plan`` runs it
+against the model's own kernel, heads measured slower than dense kept dense. Printed side by side:
+the oracle top-k FLOPs saving, the kernel FLOPs saving and the measured attention speedup.
+``--plan make`` first audits the model on a small sample (``--plan-sequences`` sequences of
+``--plan-len`` tokens, target length ``--n``) and writes the audit to ``--plan-out``:
+
+    python benchmarks/bench_attention.py --plan make --model smollm2-135m-instruct --n 4096
+    python benchmarks/bench_attention.py --plan out/audit.json --n 4096   # or a flex_plan.json
 """
 
 from __future__ import annotations
@@ -137,6 +148,75 @@ def run(n: int, heads: int, kv_heads: int, d: int, window: int, topk: int, warmu
     return rows
 
 
+def _load_plan_source(path: str):
+    """(plan for plan_speed, oracle top-k saving or None) from an audit.json or a flex_plan.json."""
+    import json
+
+    from attn_audit.result import AuditResult
+
+    data = json.loads(open(path, encoding="utf-8").read())
+    if data.get("format") == "attn-audit/flex-plan":
+        return data, None
+    result = AuditResult.from_dict(data, source=path)
+    return result, (result.data.get("plan_summary") or {}).get("planned_flops_saving")
+
+
+def run_plan(a) -> None:
+    """Time a real kernel plan inside the model (see the module docstring)."""
+    from attn_audit.data import bundled_texts, token_stream
+    from attn_audit.load import load_model
+    from attn_audit.predeploy import plan_speed
+
+    lm = load_model(a.model)
+    path = a.plan
+    if path == "make":
+        from attn_audit import AuditConfig, audit
+
+        t0 = time.perf_counter()
+        cfg = AuditConfig(seq_lens=(a.plan_len,), num_sequences=a.plan_sequences, batch_size=a.plan_sequences,
+                          target_len=a.n)
+        result = audit(lm.model, lm.tokenizer, None, cfg, name=a.model)
+        result.save(a.plan_out)
+        print(f"# audit for the plan: {a.plan_sequences} x {a.plan_len} tokens, target {a.n}: "
+              f"{time.perf_counter() - t0:.0f} s, written to {a.plan_out}")
+        path = a.plan_out
+    plan, oracle = _load_plan_source(path)
+    ids, _ = token_stream(bundled_texts(), lm.tokenizer, 0, a.n)
+    t0 = time.perf_counter()
+    sp = plan_speed(lm.model, plan, torch.tensor([ids[: a.n]]), label="kernel plan", oracle_flops_saving=oracle,
+                    warmup=a.warmup, reps=a.reps)
+    wall = time.perf_counter() - t0
+    print(f"# {a.model} at {a.n} tokens, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, float32; warmup {a.warmup}, median of {a.reps}; "
+          f"compile {sp['compile_s']:.0f} s apart; whole measurement {wall:.0f} s")
+    print(f"{'layer':>5} {'planned':>7} {'sparse':>6} {'dense ms':>9} {'mask ms':>8} {'kernel ms':>9} "
+          f"{'plan ms':>8} {'tiles pred.':>11} {'measured':>8}")
+    for x in sp["layers"]:
+        pred = x["predicted_tile_speedup"]
+        print(f"{x['layer']:>5} {x['heads_planned']:>7} {x['heads_sparse']:>6} {x['dense_ms']:>9.1f} "
+              f"{x['mask_ms']:>8.1f} {x['kernel_ms']:>9.1f} {x['plan_ms']:>8.1f} "
+              f"{(f'{pred:.2f}x' if pred else '-'):>11} {x['speedup']:>7.2f}x{' (dense)' if x['kept_dense'] else ''}")
+    by_pattern: dict[str, list[int]] = {}
+    for h in sp["heads_kept_dense"]:
+        by_pattern.setdefault(h["pattern"], []).append(1)
+    planned = sum(x["heads_planned"] for x in sp["layers"])
+    print(f"heads planned sparse: {planned}; measured slower than dense and kept dense: "
+          f"{len(sp['heads_kept_dense'])} ({', '.join(f'{k} {len(v)}' for k, v in sorted(by_pattern.items()))}); "
+          f"layers kept dense: {len(sp['layers_kept_dense'])}")
+    fmt = lambda v: f"{v:.1%}" if isinstance(v, float) else "n/a"  # noqa: E731
+    sx = lambda v: f"{v:.2f}x" if isinstance(v, float) else "n/a"  # noqa: E731
+    print(f"{'':24} {'FLOPs saving':>12} {'speedup':>8}")
+    print(f"{'oracle top-k (bound)':24} {fmt(sp['oracle_flops_saving']):>12} {sx(sp['oracle_flops_speedup']):>8}")
+    print(f"{'kernel plan (predicted)':24} {fmt(sp['kernel_flops_saving']):>12} {sx(sp['predicted_flops_speedup']):>8}")
+    print(f"{'kernel plan (measured)':24} {'':>12} {sx(sp['attention_speedup']):>8}   "
+          f"({sp['dense_ms']:.0f} ms dense attention -> {sp['plan_ms']:.0f} ms)")
+    if a.json:
+        import json
+
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(sp, f, indent=1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lens", default="1024,4096")
@@ -150,9 +230,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--plan", help="an audit.json or flex_plan.json to time inside the model, or 'make'")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--n", type=int, default=4096, help="tokens for --plan (default 4096)")
+    p.add_argument("--plan-len", type=int, default=1024)
+    p.add_argument("--plan-sequences", type=int, default=2)
+    p.add_argument("--plan-out", default="bench_plan_audit.json")
+    p.add_argument("--json", help="write the verify.speed block of --plan here")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.plan:
+        run_plan(a)
+        return
     dtype = getattr(torch, a.dtype)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device {a.device}, "
           f"{torch.get_num_threads()} threads, {a.dtype}; {a.heads} q / {a.kv_heads} kv heads, d {a.head_dim}, "

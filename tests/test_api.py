@@ -29,6 +29,21 @@ def test_audit_on_loaded_model_round_trips(tmp_path, minilm):
         assert len(render(again, fmt)) > 100
 
 
+def test_smollm2_audit_with_weight_based_r_round_trips(tmp_path, smollm2):
+    """A causal LM with known projections carries R's note (a string) beside its numbers; the saved
+    audit loads back and re-plans (attn-audit --load) unchanged."""
+    from attn_audit.api import load_audit
+
+    cfg = AuditConfig(seq_lens=(48,), num_sequences=2, reservoir_size=64)
+    result = audit(smollm2.model, smollm2.tokenizer, ["a few words of text here, " * 40] * 3, cfg, name="smol")
+    assert any(isinstance((h.get("R") or {}).get("note"), str) for h in result.heads)
+    path = result.save(tmp_path / "audit.json")
+    again = AuditResult.load(path)
+    assert again.to_dict() == json.loads(path.read_text())
+    replanned = load_audit(str(path), target_len=48)
+    assert replanned.data["plan"] == result.data["plan"]
+
+
 @pytest.mark.slow
 def test_api_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "api_example.py"), str(tmp_path)],

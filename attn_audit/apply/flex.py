@@ -97,7 +97,8 @@ def remove_plan(model: Any) -> None:
         del model._attn_audit_previous
 
 
-def _model_kernel(name: str) -> Any:
+def model_kernel(name: str) -> Any:
+    """The model's own attention function registered under ``name`` (``sdpa`` when unknown)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -108,7 +109,7 @@ def _flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query (B, H, n, d), key/value (B, Hkv, n, d) -> output (B, n, H, d)."""
     state: _LayerState | None = getattr(module, _STATE_ATTR, None)
-    own = _model_kernel(state.previous if state else "sdpa")
+    own = model_kernel(state.previous if state else "sdpa")
     n = query.shape[2]
     if state is None or not state.heads or key.shape[2] != n or n < 2:
         return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -166,40 +167,149 @@ def head_keep(call: AttentionCall, heads: dict[int, HeadPattern], block: int) ->
     return {"blocks": blocks, "columns": columns, "diagonals": diagonals, "is_vs": is_vs}
 
 
-def planned_attention(call: AttentionCall, heads: dict[int, HeadPattern], block: int,
-                      compile: bool = True) -> torch.Tensor:
-    """Output (B, H, n, d) of one layer: planned heads by FlexAttention with their pattern's block
-    mask, the other heads by ``scaled_dot_product_attention`` under the model's mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
+EAGER_CHUNK_ELEMENTS = 1 << 25
+"""Eager FlexAttention evaluates the mask and the scores over the whole (batch, head, query, key)
+grid: queries run in chunks of whole blocks holding at most this many grid cells (≈ 128 MB of
+float32 per intermediate), so memory stays bounded at long lengths."""
 
+
+@dataclass
+class LayerMask:
+    """One layer call's kept keys as FlexAttention block masks (see :func:`layer_mask`).
+
+    ``tiles`` bool (B, H, nqb, nkb): the key blocks holding a kept key, per query block;
+    ``full`` bool (B, H, nqb, nkb): the tiles whose every key is kept (no mask evaluation needed).
+    ``allowed`` bool (B, n, n): the model's mask; ``allowed_tiles`` bool (B, nqb, nkb): the tiles
+    holding an allowed key (what a dense kernel computes). ``keep``: :func:`head_keep`'s structure.
+    """
+
+    block: int
+    n: int
+    allowed: torch.Tensor
+    keep: dict[str, torch.Tensor]
+    tiles: torch.Tensor
+    full: torch.Tensor
+    allowed_tiles: torch.Tensor
+
+    def mask_mod(self, q_offset: int = 0, heads: torch.Tensor | None = None) -> Any:
+        """The key-level rule: query ``q_idx + q_offset`` of (local) head ``h`` (global head
+        ``heads[h]`` when given) keeps key ``kv_idx``."""
+        allowed, block = self.allowed, self.block
+        blocks, columns, diagonals, is_vs = (self.keep[k] for k in ("blocks", "columns", "diagonals", "is_vs"))
+
+        def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            hh = h if heads is None else heads[h]
+            qq = q_idx + q_offset
+            vs = is_vs[hh] & (columns[b, hh, kv_idx] | diagonals[b, hh, torch.clamp(qq - kv_idx, min=0)])
+            return allowed[b, qq, kv_idx] & (blocks[b, hh, qq // block, kv_idx // block] | vs)
+
+        return mask_mod
+
+    def block_mask(self, heads: list[int] | None = None, q_blocks: tuple[int, int] | None = None) -> Any:
+        """The ``BlockMask`` over query heads ``heads`` (default all, in order) and query blocks
+        ``q_blocks`` = [first, last) (default all), built from the tiles (no (n, n) grid per head)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        nqb = self.tiles.shape[2]
+        first, last = q_blocks or (0, nqb)
+        idx = None if heads is None else torch.tensor(heads, device=self.tiles.device, dtype=torch.long)
+        tiles, full = self.tiles[:, :, first:last], self.full[:, :, first:last]
+        if idx is not None:
+            tiles, full = tiles[:, idx], full[:, idx]
+        partial = tiles & ~full
+
+        def kv(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            order = torch.argsort(t.to(torch.int8), dim=-1, descending=True, stable=True)
+            return t.sum(-1).to(torch.int32), order.to(torch.int32)
+
+        num, ind = kv(partial)
+        fnum, find = kv(full)
+        q_len = min(self.n, last * self.block) - first * self.block
+        return BlockMask.from_kv_blocks(num, ind, fnum, find, BLOCK_SIZE=self.block,
+                                        mask_mod=self.mask_mod(first * self.block, idx),
+                                        seq_lengths=(q_len, self.n))
+
+
+def layer_mask(call: AttentionCall, heads: dict[int, HeadPattern], block: int) -> LayerMask:
+    """The kept keys of one layer call's planned ``heads`` (:func:`head_keep`) as tiles of
+    ``block`` x ``block``: a tile is computed when it holds an allowed kept key, and is *full*
+    (computed without evaluating the mask) when every key in it is allowed and kept.
+
+    Streaming and block-topk heads keep whole tiles, so their tiles are exact; a vertical-slash
+    head's tiles are those its kept columns cross or its kept diagonals pass near (a superset:
+    the mask decides inside them). Cost O(B·H·nb²) for the tiles plus the model's (B, n, n) mask,
+    never an (n, n) grid per head.
+    """
+    q = call.query
+    B, H, n, _ = q.shape
+    nb = num_blocks(n, block)
+    pad = nb * block - n
+    allowed = allowed_mask(call).expand(B, 1, n, n)[:, 0]  # (B, n, n)
+    keep = head_keep(call, heads, block)
+    grid = torch.nn.functional.pad(allowed, (0, pad, 0, pad)).view(B, nb, block, nb, block)
+    any_t = grid.any(4).any(2)  # (B, nb, nb): tiles with an allowed key
+    all_t = grid.all(4).all(2)
+    is_vs = keep["is_vs"].view(1, H, 1, 1)
+    block_tiles = keep["blocks"] & any_t[:, None]
+    full = block_tiles & all_t[:, None] & ~is_vs
+    # vertical-slash: key blocks holding a kept column; query-key block offsets d = qb - kb whose
+    # diagonals i - j (in (d-1)·block+1 .. (d+1)·block-1) include a kept one
+    cols = torch.nn.functional.pad(keep["columns"], (0, pad)).view(B, H, nb, block).any(-1)  # (B, H, nkb)
+    dg = torch.nn.functional.pad(keep["diagonals"], (0, pad)).view(B, H, nb, block).any(-1)  # (B, H, nb)
+    near = dg.clone()
+    near[..., 1:] |= dg[..., :-1]
+    qb = torch.arange(nb, device=q.device)[:, None]
+    kb = torch.arange(nb, device=q.device)[None, :]
+    delta = (qb - kb).clamp_min(0)  # key after the query: the rule reads diagonal 0
+    below = torch.where(qb >= kb, near[..., delta], keep["diagonals"][..., :1, None].expand(B, H, nb, nb))
+    vs_tiles = (cols[:, :, None, :] | below) & any_t[:, None] & is_vs
+    return LayerMask(block, n, allowed, keep, block_tiles | vs_tiles, full, any_t)
+
+
+def planned_attention(call: AttentionCall, heads: dict[int, HeadPattern], block: int,
+                      compile: bool = True, mask: LayerMask | None = None) -> torch.Tensor:
+    """Output (B, H, n, d) of one layer: planned heads by FlexAttention with their pattern's block
+    mask (:func:`layer_mask`, or ``mask`` when already built for this call), the other heads by
+    ``scaled_dot_product_attention`` under the model's mask.
+
+    Compiled FlexAttention runs the whole layer in one call (a fused kernel that skips the
+    uncomputed tiles); eager FlexAttention materialises the scores and the mask, so it runs in
+    query chunks of whole blocks (:data:`EAGER_CHUNK_ELEMENTS`)."""
     q, k, v = call.query, call.key, call.value
     B, H, n, d = q.shape
     groups = H // k.shape[1]
-    allowed = allowed_mask(call).expand(B, 1, n, n)[:, 0]  # (B, n, n)
-    keep = head_keep(call, heads, block)
-    blocks, columns, diagonals, is_vs = keep["blocks"], keep["columns"], keep["diagonals"], keep["is_vs"]
-
-    def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        vs = is_vs[h] & (columns[b, h, kv_idx] | diagonals[b, h, torch.clamp(q_idx - kv_idx, min=0)])
-        return allowed[b, q_idx, kv_idx] & (blocks[b, h, q_idx // block, kv_idx // block] | vs)
-
-    bm = create_block_mask(mask_mod, B, H, n, n, device=q.device, BLOCK_SIZE=block)
-    fn = _flex_fn(compile)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        out = fn(q, k, v, block_mask=bm, scale=call.scaling, enable_gqa=groups > 1)
+    lm = mask if mask is not None else layer_mask(call, heads, block)
+    nb = lm.tiles.shape[2]
+    step = nb if compile else max(1, EAGER_CHUNK_ELEMENTS // (B * H * n * block))
+    fn = flex_kernel(compile)
+    out = torch.empty_like(q)
     rest = [h for h in range(H) if h not in heads]
-    if rest:  # unplanned heads of this layer: dense attention under the model's mask
-        idx = torch.tensor(rest, device=q.device)
-        safe = allowed | ~allowed.any(-1, keepdim=True)  # fully masked (padding) rows: finite output
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[:, idx], k[:, idx // groups], v[:, idx // groups], attn_mask=safe[:, None], scale=call.scaling)
-        out = out.clone()
-        out[:, idx] = o.to(out.dtype)
+    plain = call.attention_mask is None and call.is_causal and not call.sliding_window
+    idx = torch.tensor(rest, device=q.device) if rest else None
+    for first in range(0, nb, step):
+        last = min(nb, first + step)
+        rows = slice(first * block, min(n, last * block))
+        bm = lm.block_mask(q_blocks=(first, last))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out[:, :, rows] = fn(q[:, :, rows], k, v, block_mask=bm, scale=call.scaling, enable_gqa=groups > 1)
+        if idx is None:
+            continue
+        # unplanned heads of this layer: dense attention under the model's mask
+        qs, ks, vs = q[:, idx, rows], k[:, idx // groups], v[:, idx // groups]
+        if plain and rows.start == 0 and rows.stop == n:
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=call.scaling)
+        else:
+            a = lm.allowed[:, rows]
+            safe = a | ~a.any(-1, keepdim=True)  # fully masked (padding) rows: finite output
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=safe[:, None],
+                                                                 scale=call.scaling)
+        out[:, idx, rows] = o.to(out.dtype)
     return out
 
 
-def _flex_fn(compile: bool) -> Any:
+def flex_kernel(compile: bool) -> Any:
+    """``flex_attention``, compiled once per process (``dynamic=False``) when ``compile``."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if not compile:

@@ -23,20 +23,20 @@ from attn_audit.predeploy.retrieval import (
     retrieval_check,
     retrieved,
 )
-from attn_audit.predeploy.speed import attention_speed, flex_window_attention
+from attn_audit.predeploy.speed import measured_plan, plan_speed
 
 __all__ = [
     "DEPTHS",
     "Installer",
     "Pattern",
-    "attention_speed",
     "build_prompts",
     "check_config",
     "detect_format",
-    "flex_window_attention",
     "keep_mask",
     "kept_mass",
+    "measured_plan",
     "pattern_installer",
+    "plan_speed",
     "read_config",
     "retrieval_check",
     "retrieved",

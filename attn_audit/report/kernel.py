@@ -3,8 +3,6 @@ kernel saving beside the per-row top-k oracle bound (no torch)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from attn_audit.rank.kernel import budget_text
 from attn_audit.result import AuditResult
 

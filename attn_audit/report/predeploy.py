@@ -119,12 +119,24 @@ def speed_lines(result: AuditResult) -> list[str]:
     measured, predicted = num(sp.get("attention_speedup")), num(sp.get("predicted_flops_speedup"))
     line = (f"Measured attention speedup at {sp.get('seq_len', '?')} tokens on {sp.get('device', '?')}: "
             f"{measured:.2f}x" if measured is not None else "Measured attention speedup: n/a")
-    line += f" (FLOPs predict {predicted:.2f}x)" if predicted is not None else ""
-    lines = [line + f"; plan attention: {sp.get('plan_attention', '?')}; setup (masks, compile) "
-             f"{num(sp.get('setup_s')) or 0:.1f} s apart."]
+    if sp.get("skipped_reason"):
+        return [f"Attention speed not measured: {sp['skipped_reason']}."]
+    oracle = num(sp.get("oracle_flops_speedup"))
+    bits = [f"kernel FLOPs predict {predicted:.2f}x"] if predicted is not None else []
+    bits += [f"oracle top-k bound {oracle:.2f}x"] if oracle is not None else []
+    line += f" ({', '.join(bits)})" if bits else ""
+    setup = num(sp.get("compile_s"))
+    setup = num(sp.get("setup_s")) if setup is None else setup
+    lines = [line + f"; plan attention: {sp.get('plan_attention', '?')}; compilation "
+             f"{setup or 0:.1f} s apart."]
+    heads = sp.get("heads_kept_dense") or []
+    if heads:
+        shown = ", ".join(f"L{h.get('layer')}.H{h.get('head')}" for h in heads[:12])
+        more = f" and {len(heads) - 12} more" if len(heads) > 12 else ""
+        lines.append(f"Heads measured slower than dense and kept dense ({len(heads)}): {shown}{more}.")
     kept = sp.get("layers_kept_dense") or []
     if kept:
-        lines.append(f"Layers measured slower than dense and kept dense: {', '.join(map(str, kept))}.")
+        lines.append(f"Layers kept dense (mask building + kernel slower than dense): {', '.join(map(str, kept))}.")
     return lines
 
 

@@ -195,3 +195,67 @@ def test_flex_export_round_trips_in_a_fresh_process(tmp_path, minilm) -> None:
                            str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), here, atol=1e-5, rtol=0)
+
+
+def _calls(model, ids, mask):
+    got = []
+
+    def record(call: AttentionCall):
+        got.append(call)
+
+    with torch.no_grad(), capturing(model, record):
+        model(ids, attention_mask=mask)
+    return got
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_layer_tiles_cover_the_kept_keys(family: str) -> None:
+    """The block masks are built from tiles, not an (n, n) grid per head: a tile is computed iff it
+    holds a kept key (streaming, block-topk: exactly; vertical-slash: a superset), and full iff
+    every key in it is kept (then the mask is not evaluated there)."""
+    from attn_audit.apply.flex import layer_mask
+    from attn_audit.apply.plan import HeadPattern
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    if family == "mistral":
+        mask[1, 60:] = 0
+    call = _calls(model, ids, mask)[0]
+    heads = {int(h): HeadPattern(p["pattern"], **{k: v for k, v in p.items() if k != "pattern"})
+             for h, p in MIXED.items() if p["pattern"] != "dense"}
+    lm = layer_mask(call, heads, 16)
+    ref = _reference_keep(call, MIXED, 16)  # (B, H, n, n)
+    nb = lm.tiles.shape[-1]
+    grid = torch.nn.functional.pad(ref, (0, nb * 16 - 70, 0, nb * 16 - 70)).view(2, 4, nb, 16, nb, 16)
+    has = grid.any(5).any(3)
+    allowed = torch.nn.functional.pad(allowed_mask(call).expand(2, 1, 70, 70)[:, 0], (0, nb * 16 - 70, 0, nb * 16 - 70))
+    every = (grid | ~allowed.view(2, 1, nb, 16, nb, 16)).all(5).all(3) & allowed.view(2, 1, nb, 16, nb, 16).all(5).all(3)
+    for h in (0, 3):
+        assert torch.equal(lm.tiles[:, h], has[:, h])
+        assert torch.equal(lm.full[:, h], every[:, h] & has[:, h])
+    assert bool((lm.tiles[:, 2] | ~has[:, 2]).all()) and not lm.full[:, 2].any()
+    assert not lm.tiles[:, 1].any()  # the dense head runs sdpa
+    assert lm.tiles[:, 3].sum() < lm.allowed_tiles.sum()  # block-topk skips tiles
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_eager_query_chunks_give_the_unchunked_output(family: str, monkeypatch) -> None:
+    """Eager FlexAttention runs in query chunks of whole blocks to bound memory; one block per chunk
+    gives the single-chunk output (padding and a sliding window included)."""
+    from attn_audit.apply import flex
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    if family == "mistral":
+        mask[1, 60:] = 0
+    plan = _plan(model, [MIXED, MIXED])
+    with torch.no_grad():
+        attn_audit.apply_plan(model, plan, compile=False)
+        whole = model(ids, attention_mask=mask).logits
+        monkeypatch.setattr(flex, "EAGER_CHUNK_ELEMENTS", 1)
+        chunked = model(ids, attention_mask=mask).logits
+        attn_audit.remove_plan(model)
+    valid = mask.bool()
+    torch.testing.assert_close(chunked[valid], whole[valid], atol=1e-5, rtol=0)

@@ -114,3 +114,40 @@ def test_smollm2_too_small_budget_loses_the_passkey_and_fails_the_gate(smollm2, 
                               "verify": {"retrieval": block}})
         gate = decide(result, [parse("retrieval_drop > 0")]).to_dict()
         assert gate["checks"][0]["status"] == status
+
+
+def test_retrieved_reads_only_the_answer_logits_and_agrees_with_full_logits():
+    """``retrieved`` asks the model for the last answer positions only (``logits_to_keep``): a prompt
+    whose answer is the model's own greedy continuation (from the full logits) is retrieved, one
+    digit changed is not, and a model without ``logits_to_keep`` gives the same verdicts."""
+    import torch
+
+    from attn_audit.predeploy.retrieval import PasskeyPrompt, retrieved
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    prompts = []
+    for _ in range(3):
+        ids = torch.randint(5, 200, (40,), generator=g).tolist()
+        with torch.no_grad():
+            for _ in range(3):  # greedy: append the model's own next tokens as the answer
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        answer = ids[-3:]
+        prompts.append(PasskeyPrompt(43, 0.5, "k", ids, answer))
+        wrong = answer[:-1] + [(answer[-1] + 1) % 256]
+        prompts.append(PasskeyPrompt(43, 0.5, "k", ids[:-3] + wrong, wrong))
+    calls = []
+
+    class Plain(torch.nn.Module):  # no logits_to_keep in its signature
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+            calls.append(out.logits.shape[1])
+            return out
+
+    want = [True, False] * 3
+    assert retrieved(model, prompts, batch_size=4) == want
+    assert retrieved(Plain(), prompts, batch_size=4) == want and calls == [43, 43]
