@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate reports/ from real runs of the bundled models (CPU, ~6 min on 2 cores).
+# Regenerate reports/ from real runs of the bundled models (CPU: 53 min on 2 loaded cores, most of it
+# the SmolLM2 --verify search: each probe re-runs the held-out pass and the passkeys).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
