@@ -167,7 +167,8 @@ def layer_estimates(query: torch.Tensor, key: torch.Tensor, scaling: float, bloc
 @torch.no_grad()
 def pattern_rows(scores: torch.Tensor, q_pos: torch.Tensor, eps: tuple[float, ...], block: int,
                  sinks: int, causal: bool, patterns: tuple[str, ...], est: LayerEstimates,
-                 batch: int, keys_total: int | None = None, mask_after: bool = False) -> PatternRows:
+                 batch: int, keys_total: int | None = None, mask_after: bool = False,
+                 use_kernel: bool = True) -> PatternRows:
     """Each pattern's kept mass by level on the rows of one block of query rows.
 
     scores: (G, R, n) pre-softmax logits, disallowed keys -inf, ``G = batch · H`` (batch major);
@@ -175,11 +176,15 @@ def pattern_rows(scores: torch.Tensor, q_pos: torch.Tensor, eps: tuple[float, ..
         their last row); levels always run over ``nb = ceil(keys_total / block)``.
     q_pos: int64 (R,) query positions; est: the layer's :func:`layer_estimates`.
     mask_after: keys after each row's position are disallowed whatever ``scores`` holds there.
-    Probabilities are computed in float64 (the brute force of the tests does the same).
+    Probabilities are computed in float64 (the brute force of the tests does the same). On a
+    CPU the compiled kernel of :mod:`attn_audit.rows.patterns_cpu` does the work (the same
+    numbers to float64 rounding); elsewhere, or with ``use_kernel=False``, torch does.
     """
     g, r, n = scores.shape
     nb = num_blocks(keys_total or n, block)
     dev = scores.device
+    if use_kernel and dev.type == "cpu":
+        return _kernel_rows(scores, q_pos, eps, block, nb, sinks, causal, patterns, est, mask_after)
     x = scores.double()
     if mask_after:
         late = torch.arange(n, device=dev)[None, :] > q_pos.to(dev)[:, None]
@@ -211,6 +216,32 @@ def pattern_rows(scores: torch.Tensor, q_pos: torch.Tensor, eps: tuple[float, ..
         # smallest level with kept >= 1 - eps; the curves are non-decreasing in the level
         need[name] = (curve[..., None, :] < thresholds[:, None]).sum(-1)
     return PatternRows(kept, need)
+
+
+def _kernel_rows(scores: torch.Tensor, q_pos: torch.Tensor, eps: tuple[float, ...], block: int, nb: int,
+                 sinks: int, causal: bool, patterns: tuple[str, ...], est: LayerEstimates,
+                 mask_after: bool) -> PatternRows:
+    """:func:`pattern_rows` by the compiled CPU kernel (scores (G, R, n) on the CPU)."""
+    from attn_audit.rows.patterns_cpu import pattern_kernel
+
+    g, r, n = scores.shape
+    x = scores.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # half / bfloat16 values are exact in float32
+    x = x.reshape(g * r, n).contiguous().numpy()
+    order = cols = diags = None
+    if "block-topk" in patterns and est.block_order is not None:
+        bo = est.block_order
+        order = bo.reshape(g, bo.shape[2], bo.shape[3]).cpu().numpy()
+        if order.shape[2] != nb:
+            raise ValueError(f"block order has {order.shape[2]} key blocks, expected {nb}")
+    if "vertical-slash" in patterns and est.vs_columns is not None:
+        cols = rank_of(est.vs_columns).reshape(g, -1).cpu().numpy()
+        diags = rank_of(est.vs_diagonals).reshape(g, -1).cpu().numpy()
+    kept, need = pattern_kernel(x, q_pos.cpu().numpy(), r, eps, block, nb, sinks, causal, patterns,
+                                mask_after, order, cols, diags, threads=torch.get_num_threads())
+    return PatternRows({k: torch.from_numpy(v).view(g, r, -1) for k, v in kept.items()},
+                       {k: torch.from_numpy(v).view(g, r, -1) for k, v in need.items()})
 
 
 def _streaming_kept(bm: torch.Tensor, qb: torch.Tensor, sinks: int, causal: bool) -> torch.Tensor:

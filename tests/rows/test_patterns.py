@@ -272,3 +272,37 @@ def test_patterns_on_bundled_gemma3_local_and_global_layers(gemma3) -> None:
         call.layer = 0
         want = brute_force(call, pad, spec)
         _compare(_accumulate(call, pad, spec, True), want)
+
+
+@pytest.mark.parametrize("causal,mask_after,sinks,dtype", [
+    (True, False, 1, torch.float32), (True, True, 0, torch.float32), (False, False, 1, torch.float64),
+    (True, False, 2, torch.bfloat16)])
+def test_compiled_pattern_kernel_equals_torch_path(causal: bool, mask_after: bool, sinks: int,
+                                                   dtype: torch.dtype) -> None:
+    """The CPU kernel (rows/patterns_cpu.py) gives the torch formulation's curves to float64
+    rounding and the same needed levels, on rows with masked keys, rows with no allowed key, a
+    partial last block and a row block cut short of the keys."""
+    from attn_audit.rows.patterns import PATTERNS, layer_estimates, pattern_rows
+
+    gen = torch.Generator().manual_seed(11)
+    B, H, Hkv, n, d, block = 2, 4, 2, 150, 16, 32
+    q = torch.randn(B, H, n, d, generator=gen) * 2
+    k = torch.randn(B, Hkv, n, d, generator=gen) * 2
+    est = layer_estimates(q, k, d ** -0.5, block, causal, PATTERNS)
+    rows = torch.tensor([0, 3, 31, 32, 77, 120, 121])
+    n_cut = 122 if causal else n  # a causal row block stops at its last row
+    s = (q[:, :, rows] @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * d ** -0.5)[..., :n_cut]
+    if causal and not mask_after:
+        s = s.masked_fill(torch.arange(n_cut)[None, :] > rows[:, None], float("-inf"))
+    s = s.masked_fill(torch.rand(s.shape, generator=gen) < 0.1, float("-inf"))  # scattered masked keys
+    s[0, 1, 2] = float("-inf")  # a row without any allowed key
+    g = s.reshape(B * H, len(rows), n_cut).to(dtype)
+    args = (g, rows, (0.01, 0.1, 0.5), block, sinks, causal, PATTERNS, est, B)
+    ref = pattern_rows(*args, keys_total=n, mask_after=mask_after, use_kernel=False)
+    got = pattern_rows(*args, keys_total=n, mask_after=mask_after)
+    assert set(got.kept) == set(ref.kept) == set(PATTERNS)
+    for name in ref.kept:
+        assert got.kept[name].shape == ref.kept[name].shape == (B * H, len(rows), 6)
+        torch.testing.assert_close(got.kept[name], ref.kept[name], rtol=0, atol=1e-12, msg=name)
+        assert torch.equal(got.need[name], ref.need[name]), name
+    assert float(got.kept["row-topk"][1, 2, -1]) == 0.0  # the empty row (batch 0, head 1) keeps nothing
