@@ -448,13 +448,14 @@ class Accumulator:
     # -- results -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Plain numpy aggregates (no torch) for :mod:`attn_audit.assemble.sparsity` and the pipeline."""
-        samples_q = {l: self.tokens.data[(l, "q")].numpy() for l in range(self.L) if (l, "q") in self.tokens.data}
-        samples_k = {l: self.tokens.data[(l, "k")].numpy() for l in range(self.L) if (l, "k") in self.tokens.data}
+        tokens, row_data = self.tokens.data, self.rows.data  # each gathers its items once
+        samples_q = {l: tokens[(l, "q")].numpy() for l in range(self.L) if (l, "q") in tokens}
+        samples_k = {l: tokens[(l, "k")].numpy() for l in range(self.L) if (l, "k") in tokens}
         pre = {
-            site: {l: self.tokens.data[(l, site)].numpy() for l in range(self.L) if (l, site) in self.tokens.data}
+            site: {l: tokens[(l, site)].numpy() for l in range(self.L) if (l, site) in tokens}
             for site in ("q_pre", "k_pre")
         }
-        rows = {l: self.rows.data[l].numpy() for l in range(self.L) if l in self.rows.data}
+        rows = {l: row_data[l].numpy() for l in range(self.L) if l in row_data}
         t = self.totals
         return {
             "seq_len": self.seq_len,

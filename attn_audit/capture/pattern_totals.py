@@ -28,20 +28,21 @@ class PatternTotals:
         """Add the pattern rows ``pr`` (fields (batch·head, R, ...)) of the valid rows ``valid``
         (bool (batch, head, R); a layer with fewer heads than the largest fills the first ones)."""
         b, h, r = valid.shape
-        v = valid.reshape(b * h, r)
-        self.rows[layer, :h] += valid.sum(dim=(0, 2)).cpu().numpy()
-        vd = v.double()
-        for name, curve in pr.kept.items():
+        v = valid.reshape(b * h, r).cpu().numpy()
+        self.rows[layer, :h] += v.reshape(b, h, r).sum(axis=(0, 2))
+        vd = v.astype(np.float64)
+        e = len(self.spec.eps)
+        # one bin per (head, eps, level): flat index of every row's need, valid rows only
+        base = ((np.arange(h)[:, None] * e + np.arange(e)[None, :]) * (self.nb + 2))  # (h, E)
+        base = np.broadcast_to(base[None, :, None, :], (b, h, r, e)).reshape(b * h, r, e)[v]
+        for name, curve_t in pr.kept.items():
+            curve = curve_t.cpu().numpy()  # (G, R, nbp)
             nbp = curve.shape[-1]
-            self.kept_sum[name][layer, :h, :nbp] += (curve * vd[..., None]).view(b, h, r, nbp).sum(
-                dim=(0, 2)).cpu().numpy()
-            need = pr.need[name].clamp(max=self.nb + 1)  # (G, R, E)
-            e = need.shape[-1]
-            head = torch.arange(h, device=need.device).repeat(b).view(b * h, 1, 1)
-            eidx = torch.arange(e, device=need.device).view(1, 1, e)
-            flat = ((head * e + eidx) * (self.nb + 2) + need)[v]
-            self.need_hist[name][layer, :h] += torch.bincount(
-                flat.flatten(), minlength=h * e * (self.nb + 2)).view(h, e, self.nb + 2).cpu().numpy()
+            kept = np.einsum("grl,gr->gl", curve, vd).reshape(b, h, nbp).sum(axis=0)
+            self.kept_sum[name][layer, :h, :nbp] += kept
+            need = np.minimum(pr.need[name].cpu().numpy()[v], self.nb + 1)  # (valid rows, E)
+            self.need_hist[name][layer, :h] += np.bincount(
+                (base + need).ravel(), minlength=h * e * (self.nb + 2)).reshape(h, e, self.nb + 2)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:

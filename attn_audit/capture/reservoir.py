@@ -34,31 +34,56 @@ def priorities(seed: int, seq_index: np.ndarray, pos: np.ndarray, salt: int = 0)
 
 
 class Reservoir:
-    """Bounded priority sample shared by all layers: the same items are kept for every layer."""
+    """Bounded priority sample shared by all layers: the same items are kept for every layer.
+
+    The items' order is their insertion order (older batches first, a batch in its own order).
+    Each key's buffer holds ``capacity`` rows in slots: a batch writes only its surviving new
+    items, into the slots of the evicted ones, and :attr:`data` gathers the slots in item order
+    when read (once, at the end of a length), instead of re-copying the whole sample per layer
+    call.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.prio = np.zeros(0)
         self.ids = np.zeros((0, 2), dtype=np.int64)  # (sequence index, position)
-        self.data: dict[Any, torch.Tensor] = {}  # views of the first len(prio) rows of _bufs
+        self._slot = np.zeros(0, dtype=np.int64)  # item i lives in row _slot[i] of every buffer
         self._bufs: dict[Any, torch.Tensor] = {}
-        self._keep: torch.Tensor | None = None
+        self._new_rows: torch.Tensor | None = None  # this batch's surviving candidates ...
+        self._new_slots: torch.Tensor | None = None  # ... and the slots they go to
+
+    @property
+    def data(self) -> dict[Any, torch.Tensor]:
+        """Per key, the items in order: (n_items, ...) float32 CPU tensors."""
+        slot = torch.from_numpy(self._slot)
+        return {key: buf[slot] for key, buf in self._bufs.items()}
+
+    def _buffer(self, key: Any, like: torch.Tensor) -> torch.Tensor:
+        """The key's buffer of ``capacity`` rows, allocated (and touched) once, so memory is the
+        same after 16 sequences as after 512."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape[1:] != like.shape[1:] or buf.dtype != like.dtype:
+            buf = self._bufs[key] = torch.empty((self.capacity, *like.shape[1:]), dtype=like.dtype).fill_(0)
+        return buf
 
     def _store(self, key: Any, t: torch.Tensor) -> None:
-        """Keep ``t`` in a buffer of ``capacity`` rows, allocated (and touched) once, so memory
-        is the same after 16 sequences as after 512."""
-        buf = self._bufs.get(key)
-        if buf is None or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype:
-            buf = self._bufs[key] = torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype).fill_(0)
-        buf[: t.shape[0]] = t
-        self.data[key] = buf[: t.shape[0]]
+        """Set the key's items to ``t`` (n_items, ...), in order, in slots 0..n_items-1."""
+        self._buffer(key, t)[: t.shape[0]] = t
 
     def plan(self, prio: np.ndarray, ids: np.ndarray) -> None:
         """Decide which old and new items survive this batch (call before the layers report)."""
+        n_old = len(self.prio)
         allp = np.concatenate([self.prio, prio])
         order = np.argsort(allp, kind="stable")[: self.capacity]
         order.sort()
-        self._keep = torch.from_numpy(order)
+        old_kept = order[order < n_old]
+        new_kept = order[order >= n_old] - n_old
+        used = np.zeros(self.capacity, dtype=bool)
+        used[self._slot[old_kept]] = True
+        free = np.flatnonzero(~used)[: len(new_kept)]  # evicted items' slots, then unused ones
+        self._slot = np.concatenate([self._slot[old_kept], free])
+        self._new_rows = torch.from_numpy(new_kept)
+        self._new_slots = torch.from_numpy(free)
         self.prio = allp[order]
         self.ids = np.concatenate([self.ids, ids])[order]
 
@@ -68,22 +93,22 @@ class Reservoir:
         allids = np.concatenate([self.ids, ids])
         keep = np.argsort(allp, kind="stable")[: self.capacity]
         keep = keep[np.lexsort((allids[keep, 1], allids[keep, 0]))]
-        for key in set(self.data) | set(data):
-            like = self.data.get(key, data.get(key))
+        mine_all = self.data
+        for key in set(mine_all) | set(data):
+            like = mine_all.get(key, data.get(key))
             assert like is not None
-            mine = self.data.get(key, like.new_zeros((len(self.prio), *like.shape[1:])))
+            mine = mine_all.get(key, like.new_zeros((len(self.prio), *like.shape[1:])))
             theirs = data.get(key, like.new_zeros((len(prio), *like.shape[1:])))
             self._store(key, torch.cat([mine, theirs])[torch.from_numpy(keep)])
         self.prio = allp[keep]
         self.ids = allids[keep]
+        self._slot = np.arange(len(keep), dtype=np.int64)
 
     def update(self, key: Any, new: torch.Tensor) -> None:
         """Merge ``new`` (n_new, ...) candidates of one layer/site into the sample."""
-        assert self._keep is not None
-        new = new.detach().to("cpu", torch.float32)
-        old = self.data.get(key)
-        both = new if old is None else torch.cat([old, new])
-        self._store(key, both[self._keep])
+        assert self._new_rows is not None and self._new_slots is not None
+        kept = new.detach()[self._new_rows.to(new.device)].to("cpu", torch.float32)
+        self._buffer(key, kept)[self._new_slots] = kept
 
     def to_state(self, tag: str) -> dict[str, np.ndarray]:
         """The sample as plain arrays under ``tag.`` (see :meth:`Accumulator.state`)."""
@@ -97,7 +122,8 @@ class Reservoir:
         self.prio = np.array(st[f"{tag}.prio"])
         self.ids = np.array(st[f"{tag}.ids"])
         prefix = f"{tag}.data."
-        self.data = {}
+        self._bufs = {}
+        self._slot = np.arange(len(self.prio), dtype=np.int64)
         for k, v in st.items():
             if k.startswith(prefix):
                 self._store(_key_parse(k[len(prefix):]), torch.from_numpy(np.array(v)))
