@@ -32,77 +32,84 @@ PATTERN_SLOTS = ("row-topk", "block-oracle", "block-topk", "streaming", "vertica
 """The patterns in the order of the kernel's ``want`` flags and output slots."""
 
 
+_BUCKETS = 1024  # 16 per octave: 64 octaves below the row's largest probability, then one more
+
+
 @numba.njit(nogil=True, cache=True)
-def _select_blocks(a, ln, block, stack):  # type: ignore[no-untyped-def]
-    """Rearrange a[:ln] so that, for every multiple t of ``block`` below ln, a[:t] holds the t
-    largest values (in no particular order inside each block): a multi-target quickselect,
-    O(ln log(ln / block)) instead of a full sort's O(ln log ln). ``stack``: int64 scratch of
-    at least 2 (ln + 2) entries."""
-    top = 0
-    stack[0] = 0
-    stack[1] = ln
-    top = 2
-    while top > 0:
-        top -= 2
-        lo = stack[top]
-        hi = stack[top + 1]
-        if (lo // block + 1) * block >= hi:  # no block boundary strictly inside [lo, hi)
-            continue
-        if hi - lo <= 16:  # insertion sort, descending
-            for u in range(lo + 1, hi):
-                v = a[u]
-                w = u - 1
-                while w >= lo and a[w] < v:
-                    a[w + 1] = a[w]
-                    w -= 1
-                a[w + 1] = v
-            continue
-        mid = (lo + hi) // 2
-        x0, x1, x2 = a[lo], a[mid], a[hi - 1]
-        pv = max(min(x0, x1), min(max(x0, x1), x2))  # median of three
-        lt, u, gt = lo, lo, hi  # three-way partition: > pv | == pv | < pv
-        while u < gt:
-            v = a[u]
-            if v > pv:
-                a[u] = a[lt]
-                a[lt] = v
-                lt += 1
-                u += 1
-            elif v < pv:
-                gt -= 1
-                a[u] = a[gt]
-                a[gt] = v
-            else:
-                u += 1
-        stack[top] = lo
-        stack[top + 1] = lt
-        stack[top + 2] = gt
-        stack[top + 3] = hi
-        top += 4
+def _top_sums(p, pbits, ln, block, nb, curve, idx, cnt, off, buf):  # type: ignore[no-untyped-def]
+    """curve[lv] = the sum of the ``min(lv·block, ln)`` largest of p[:ln] (p >= 0), lv = 1..nb.
+
+    A bucket sort by the top 16 bits of the float64 (sign, exponent, 4 mantissa bits: monotone
+    for p >= 0), relative to the row's largest bucket (values more than 64 octaves below share
+    the last bucket); only the buckets a target rank cuts are sorted. pbits is p's int64 view;
+    idx (n,), cnt / off (_BUCKETS,) and buf (n,) are scratch.
+    """
+    if ln == 0:
+        for lv in range(1, nb + 1):
+            curve[lv] = 0.0
+        return
+    kmax = pbits[0] >> 48
+    for j in range(1, ln):
+        kmax = max(kmax, pbits[j] >> 48)
+    for b in range(_BUCKETS):
+        cnt[b] = 0
+    for j in range(ln):
+        d = min(kmax - (pbits[j] >> 48), _BUCKETS - 1)
+        idx[j] = d
+        cnt[d] += 1
+    o = 0
+    for b in range(_BUCKETS):
+        off[b] = o
+        o += cnt[b]
+    for j in range(ln):  # scatter in bucket order (off[] becomes each bucket's end)
+        d = idx[j]
+        buf[off[d]] = p[j]
+        off[d] += 1
+    acc = 0.0
+    pos = 0
+    b = 0
+    for lv in range(1, nb + 1):
+        m = min(lv * block, ln)
+        while off[b] < m:  # the bucket holding rank m - 1
+            b += 1
+        end = off[b]
+        start = end - cnt[b]
+        if m < end and pos <= start:  # the target cuts this bucket: order it (once), descending
+            seg = buf[start:end]
+            seg.sort()
+            seg[:] = seg[::-1].copy()
+        while pos < m:
+            acc += buf[pos]
+            pos += 1
+        curve[lv] = acc
 
 
 @numba.njit(nogil=True, cache=True)
 def _pattern_rows(x, q_pos, per_head, row0, row1, mask_after, block, nb, sinks, causal, want,
-                  order, col_rank, diag_rank, thr, kept, need):  # type: ignore[no-untyped-def]
+                  order, col_level, diag_level, thr, kept, need):  # type: ignore[no-untyped-def]
     """Rows [row0, row1) of the scores x (rows, n); row i is query ``q_pos[i % per_head]`` of
     group ``i // per_head``.
 
     order: int64 (G, nqb, nb), the block-topk key-block order per query block;
-    col_rank / diag_rank: int64 (G, n_vs), the vertical-slash ranks of key columns / offsets;
+    col_level / diag_level: int64 (G, n_vs), the vertical-slash level at which each key column /
+    offset enters (rank // block + 1);
     kept: float64 (5, rows, nb + 1) and need: int64 (5, rows, E), written for the wanted slots.
     """
     n = x.shape[1]
     npad = nb * block
     n_eps = thr.shape[0]
     nqb = order.shape[1]
-    n_vs = col_rank.shape[1]
+    n_vs = col_level.shape[1]
     p = np.zeros(npad)
     srt = np.empty(npad)
     bm = np.empty(nb)
     bsrt = np.empty(nb)
     by_w = np.empty(nb + 1)
     curve = np.empty(nb + 1)
-    stack = np.empty(2 * (npad + 2), np.int64)
+    pbits = p.view(np.int64)
+    bk_idx = np.empty(npad, np.int64)
+    bk_cnt = np.empty(_BUCKETS, np.int64)
+    bk_end = np.empty(_BUCKETS, np.int64)
     for i in range(row0, row1):
         q = q_pos[i % per_head]
         g = i // per_head
@@ -138,17 +145,7 @@ def _pattern_rows(x, q_pos, per_head, row0, row1, mask_after, block, nb, sinks, 
                 continue
             curve[0] = 0.0
             if slot == 0:  # row-topk: the b*block largest probabilities
-                for j in range(ln):
-                    srt[j] = p[j]
-                _select_blocks(srt, ln, block, stack)
-                acc = 0.0
-                taken = 0
-                for lv in range(1, nb + 1):
-                    stop = min(lv * block, ln)
-                    while taken < stop:
-                        acc += srt[taken]
-                        taken += 1
-                    curve[lv] = acc
+                _top_sums(p, pbits, ln, block, nb, curve, bk_idx, bk_cnt, bk_end, srt)
             elif slot == 1:  # block-oracle: the b heaviest key blocks
                 for b in range(nb):
                     bsrt[b] = bm[b]
@@ -184,8 +181,7 @@ def _pattern_rows(x, q_pos, per_head, row0, row1, mask_after, block, nb, sinks, 
                     by_w[w] = 0.0
                 for j in range(min(n_vs, npad)):
                     off = min(max(q - j, 0), n_vs - 1)
-                    r = min(col_rank[g, j], diag_rank[g, off])
-                    by_w[min(r // block + 1, nb)] += p[j]
+                    by_w[min(col_level[g, j], diag_level[g, off], nb)] += p[j]
                 acc = 0.0
                 for w in range(nb + 1):
                     acc += by_w[w]
@@ -220,8 +216,9 @@ def pattern_kernel(x: np.ndarray, q_pos: np.ndarray, per_head: int, eps: tuple[f
     need = np.empty((5, rows, len(eps)), np.int64)
     dummy = np.zeros((1, 1, max(nb, 1)), np.int64)
     order_a = np.ascontiguousarray(order, dtype=np.int64) if order is not None else dummy
-    cr = np.ascontiguousarray(col_rank, dtype=np.int64) if want[4] else dummy[0]
-    dr = np.ascontiguousarray(diag_rank, dtype=np.int64) if want[4] else dummy[0]
+    # the level at which a column / offset enters (a key enters with the first of the two)
+    cr = np.asarray(col_rank, dtype=np.int64) // block + 1 if want[4] else dummy[0]
+    dr = np.asarray(diag_rank, dtype=np.int64) // block + 1 if want[4] else dummy[0]
     thr = np.array([1.0 - e for e in eps], dtype=np.float64)
     args = (x, np.ascontiguousarray(q_pos, dtype=np.int64), per_head)
     rest = (bool(mask_after), int(block), int(nb), int(sinks), bool(causal), want, order_a, cr, dr, thr,
