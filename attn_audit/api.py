@@ -73,6 +73,8 @@ def audit(
                          "auditing its eager output_attentions probabilities (no Q/K sites, slower)\n")
     for line in info.get("skipped_calls") or []:
         sys.stderr.write(f"note: not audited (run by the model as usual): {line}\n")
+    if config.check_config and info.get("encoder_decoder"):
+        raise ConfigError(f"--check-config: {ENCODER_DECODER_CHECKS}")
     if config.check_config:  # a config that does not fit the model is refused before any work
         from attn_audit.predeploy import read_config
 
@@ -121,6 +123,11 @@ def audit(
     stages.lap("verify")
     stages.record(result.run)
     return result
+
+
+ENCODER_DECODER_CHECKS = ("encoder-decoder model: the pattern configs and the plan describe one stack's "
+                          "self-attention, while this model's sites mix encoder self-, decoder self- and "
+                          "cross-attention; it cannot be applied inside the model")
 
 
 def load_audit(path: str, *, target_len: int | None = None) -> AuditResult:

@@ -88,7 +88,15 @@ def run_block(config: AuditConfig, info: dict[str, Any], model: Any, summaries: 
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "nonfinite_rows": int(sum(s["nonfinite_rows"].sum() for s in summaries.values())),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"inputs": seq2seq_inputs(info)} if info.get("encoder_decoder") else {}),
     }
+
+
+def seq2seq_inputs(info: dict[str, Any]) -> str:
+    """What an encoder-decoder model was fed (``run.inputs``)."""
+    return ("encoder input_ids: the dataset's token sequence; decoder_input_ids: the same sequence shifted right by "
+            f"one after decoder_start_token_id {info.get('decoder_start_token_id')} (teacher forcing), with the same "
+            "padding mask; cross-attention queries come from the decoder, keys from the encoder")
 
 
 # --------------------------------------------------------------------------- stage times

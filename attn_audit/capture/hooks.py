@@ -34,6 +34,8 @@ def extras_reason(model: Any, info: dict[str, Any]) -> str | None:
     """None when the pre-RoPE sites and weight-based bounds apply to ``model``, else why not."""
     if info.get("capture") == "eager-fallback":
         return "attention computed outside the interface: only its probabilities are read"
+    if info.get("encoder_decoder"):
+        return "encoder-decoder model: the projection hooks read a decoder-only stack (model.layers[i])"
     if not info.get("rope"):
         return "no RoPE: the kernel input is already the projection"
     if info.get("layer_heads"):

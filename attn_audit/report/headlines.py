@@ -91,6 +91,8 @@ def quality_text(result: AuditResult) -> str:
     verify = result.data.get("verify")
     if not isinstance(verify, dict):
         return NOT_RUN
+    if isinstance(verify.get("skipped_reason"), str):  # asked for, but it cannot apply to this model
+        return f"not run ({verify['skipped_reason']})"
     kernel = verify.get("kernel")
     if isinstance(kernel, dict):
         return f"kernel plan {_quality_parts(kernel)}; oracle top-k bound {_quality_parts(verify)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from attn_audit.report.formatting import fmt_num, heads_shape
+from attn_audit.report.formatting import fmt_num, heads_shape, site_summary
 from attn_audit.report.headlines import (
     NOT_RUN,
     gate_counts,
@@ -98,10 +98,12 @@ def _summary_facts(page: Page) -> list[tuple[str, str]]:
             "shape",
             f"{model.get('num_layers')} layers x {heads_shape(model)}"
             f"{'' if model.get('layer_heads') else ', head_dim ' + str(model.get('head_dim'))}, "
-            f"{model.get('dtype')}, {'causal' if model.get('causal') else 'bidirectional'}"
+            f"{model.get('dtype')}, "
+            f"{'encoder-decoder' if model.get('encoder_decoder') else 'causal' if model.get('causal') else 'bidirectional'}"
             f", {'RoPE' if model.get('rope') else 'no RoPE'}",
         ),
         ("data", f"{dataset.get('spec')}: {run.get('num_sequences')} sequences x {lens} tokens"),
+        *([("sites", f"{site_summary(model)}; {run.get('inputs')}")] if site_summary(model) else []),
         (
             "run",
             f"eps {', '.join(run.get('eps_keys') or [])} (primary {page.eps}); rows "
