@@ -182,17 +182,19 @@ def _sequences(dataset: DataSpec | str | Sequence[str] | None, tokenizer: Any, c
 
 
 def _projection_weights(model: Any, info: dict[str, Any], run: dict[str, Any]) -> list[Any] | None:
-    """Per layer (W_Q, W_K) as numpy arrays where the family's projections are known (for the
-    weight-based R bounds); records the extra sites in ``run``."""
+    """Per layer (W_Q, W_K) as numpy arrays where the weight-based R bounds apply; records the
+    extra sites in ``run`` (with QK-norm: the pre-norm, pre-RoPE projections, no weight bound)."""
     from attn_audit.capture import projection_weights
-    from attn_audit.capture.hooks import extras_reason
+    from attn_audit.capture.hooks import extras_reason, weight_bound_reason
 
-    reason = extras_reason(model, info)
-    run["extras"] = {"pre_rope_sites": reason is None, "weight_bounds": reason is None, "reason": reason}
+    reason, bound_reason = extras_reason(model, info), weight_bound_reason(model, info)
+    run["extras"] = {"pre_rope_sites": reason is None, "pre_norm": reason is None and bool(info.get("qk_norm")),
+                     "weight_bounds": bound_reason is None, "reason": bound_reason}
+    if reason is None:
+        run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
     w = projection_weights(model, info)
     if not w:
         return None
-    run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
     return [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w]
 
 

@@ -204,11 +204,11 @@ def announce_work(progress: Any, model: Any, info: dict[str, Any], config: Audit
     note = getattr(progress, "note", None)
     if note is None or not getattr(progress, "wants_notes", True):
         return
-    from attn_audit.capture import projection_weights
     from attn_audit.capture.calibrate import forward_seconds_per_token
+    from attn_audit.capture.hooks import extras_reason
 
     tokens = sum(sum(len(s) for s in td.sequences) for td in all_data)
-    sites = work_sites(info, bool(projection_weights(model, info)))
+    sites = work_sites(info, extras_reason(model, info) is None)
     per_token = forward_seconds_per_token(model, all_data[-1].sequences)
     n = max(32, min(config.reservoir_size, tokens // max(1, len(all_data))))
     per_site = statistics_seconds_per_site(n, info["head_dim"], config.seed)

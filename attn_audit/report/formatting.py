@@ -78,6 +78,18 @@ def head_label(rec: dict[str, Any]) -> str:
     return f"{label} ({kind} {rec.get('stack_layer', '?')})" if isinstance(kind, str) else label
 
 
+PROJECTION_SITES = ("q_pre_rope", "k_pre_rope")
+
+
+def site_name(site: str, run: dict[str, Any]) -> str:
+    """A Gaussianity site's name with what it is: the projection sites are the q_proj / k_proj
+    outputs, pre-RoPE, and pre-norm where QK-norm follows them (``run.extras.pre_norm``)."""
+    if site not in PROJECTION_SITES:
+        return site
+    pre_norm = bool((run.get("extras") or {}).get("pre_norm"))
+    return f"{site} ({'pre-norm, pre-RoPE' if pre_norm else 'pre-RoPE'} projections)"
+
+
 def site_summary(model: dict[str, Any]) -> str | None:
     """Which sites (L indices) are which kind in an encoder-decoder model, one line; None otherwise."""
     kinds = model.get("site_kinds")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from attn_audit.report.formatting import fmt_num, heads_shape, site_summary
+from attn_audit.report.formatting import fmt_num, heads_shape, site_name, site_summary
 from attn_audit.report.headlines import (
     NOT_RUN,
     gate_counts,
@@ -199,7 +199,7 @@ def _capture_facts(result: AuditResult) -> list[tuple[str, str]]:
     """How the audit ran: sites captured, rows measured, settings, timing, what did not run."""
     model, run = result.model, result.run
     sites = ", ".join(str(s) for s in run.get("sites") or []) or "none"
-    tested = sorted({str(s) for h in result.heads for s in (h.get("gaussianity") or {})})
+    tested = [site_name(s, run) for s in sorted({str(s) for h in result.heads for s in (h.get("gaussianity") or {})})]
     rows = run.get("rows")
     rows_text = (
         "all query rows"
