@@ -108,6 +108,8 @@ def test_exact_k_per_site_equals_float64_brute_force(kind):
     for rec in res.heads:
         site = rec["layer"]
         assert rec["site_kind"] == KINDS[site] and rec["causal"] is causal[site]
+        # every site has its own Q / K samples, logit range and theory comparison
+        assert {"q", "k"} <= set(rec["gaussianity"]) and rec["R"]["logit_range"] > 0 and "theory" in rec
         for e, key in enumerate(config.measure.eps_keys):
             ref, got, a = ks[(site, rec["head"], e)], rec["sparsity"][key], amb[(site, rec["head"], e)]
             total_amb += a
