@@ -127,6 +127,50 @@ def test_exact_k_per_site_equals_float64_brute_force(kind):
     assert "encoder-decoder" in res.run["extras"]["reason"] and not res.run["extras"]["weight_bounds"]
 
 
+def test_padded_batch_equals_float64_brute_force(tmp_path):
+    """Sequences of different lengths in one batch (right-padded): the decoder gets the same
+    padding mask, cross-attention rows see only the encoder's real tokens, and every site's
+    exact k equals the brute force over each sequence's own valid rows and keys."""
+    tok = _tokenizer()
+    model = _model("t5", tok.vocab_size)
+    g = np.random.default_rng(0)
+    rows = [g.integers(1000, 2000, size=m).tolist() for m in (N, N - 9)]
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    config = AuditConfig(seq_lens=(N,), num_sequences=2, batch_size=2, reservoir_size=32,
+                         measure=MeasureSpec(rows_per_sequence=None, min_keys=MIN_KEYS))
+    res = audit(model, tok, DataSpec(spec=str(data)), config, info=model_info(model, "t5", "test"))
+    ids = torch.tensor([r + [0] * (N - len(r)) for r in rows])
+    mask = (torch.arange(N)[None] < torch.tensor([N, N - 9])[:, None]).long()
+    dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), ids[:, :-1]], dim=1)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=mask,
+                        output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    inter = [t for pair in zip(out.decoder_attentions, out.cross_attentions) for t in pair]
+    probs = [a.double().numpy() for a in [*out.encoder_attentions, *inter]]
+    eps = config.measure.eps
+    for rec in res.heads:
+        site, h = rec["layer"], rec["head"]
+        causal = KINDS[site] == "decoder-self"
+        for e, key in enumerate(config.measure.eps_keys):
+            ks = []
+            for b, m in enumerate((N, N - 9)):
+                p = probs[site][b, h, :m, :m]  # valid query rows over valid keys
+                assert abs(probs[site][b, h, :m, m:].sum()) < 1e-12  # padded keys get no mass
+                n_i = np.arange(1, m + 1) if causal else np.full(m, m)
+                cs = np.cumsum(-np.sort(-p, axis=-1), axis=-1)
+                k = np.minimum((cs < 1 - eps[e]).sum(-1) + 1, n_i)
+                ks.append(k[n_i >= MIN_KEYS])
+            ref = np.concatenate(ks)
+            got = rec["sparsity"][key]
+            assert got["rows"] == len(ref), (site, h, key)
+            assert got["k_mean"] * got["rows"] == pytest.approx(ref.sum(), abs=0.5), (site, h, key)
+
+
 def test_report_labels_sites():
     """The reports (no torch) name each site's kind: the header line and every head label."""
     from attn_audit.report import get_renderer
