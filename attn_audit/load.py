@@ -221,15 +221,15 @@ def convert_gguf(gguf_path: Path) -> Path:
     The architecture is checked from the file's header first (milliseconds), so an unsupported
     one is refused before the dequantisation (about a minute for a 100M-parameter model).
     """
-    check_gguf(gguf_path)
+    model_type = check_gguf(gguf_path)
     target = _gguf_cache_dir(gguf_path)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = gguf_class(model_type).from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except ImportError as exc:
         raise ModelLoadError(f"reading GGUF needs extra packages: {exc}; pip install gguf accelerate") from None
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
@@ -252,6 +252,20 @@ def convert_gguf(gguf_path: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def gguf_class(model_type: str) -> Any:
+    """The auto class that reads a GGUF file of ``model_type``: seq2seq LM for the encoder-decoder
+    types (T5, UMT5), causal LM otherwise."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
 
 
 def _pick_class(config: Any) -> Any:
