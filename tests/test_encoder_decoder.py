@@ -31,7 +31,12 @@ def _tokenizer():
 
 def _model(kind: str, vocab: int):
     """A tiny random T5 (relative position bias) or BART (decoder heads != encoder heads)."""
-    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     if kind == "t5":

@@ -139,7 +139,10 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
     ``num_kv_heads`` and ``head_dim`` become the largest over the sites (``heads_per_layer``
     in the report: the records hold only the heads a layer has). Where every site agrees but
     the config's fields say otherwise, the calls' geometry replaces them (the config's is kept
-    as ``config_geometry``).
+    as ``config_geometry``). An encoder-decoder model is probed with a shorter decoder input
+    (teacher-forced, :mod:`attn_audit.capture.seq2seq`): ``info["site_kinds"]`` labels each site
+    encoder-self, decoder-self or cross by its (query, key) lengths and ``info["layer_causal"]``
+    says which sites are causal (decoder self-attention).
 
     Raises:
         UnsupportedFamilyError: no call reaches the interface (attention computed in the model's

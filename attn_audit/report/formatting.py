@@ -25,6 +25,8 @@ __all__ = [
     "num",
     "short_reason",
     "site_letters",
+    "site_name",
+    "site_summary",
     "sparsity_at",
 ]
 
