@@ -222,6 +222,7 @@ def test_cli_end_to_end_and_refused_stages(tmp_path):
 
 def test_exports_and_apply_refuse_an_encoder_decoder_audit(tmp_path):
     """The export formats and apply_plan describe one stack's self-attention: refused, by name."""
+    from attn_audit.apply import apply_plan
     from attn_audit.apply.plan import load_plan
     from attn_audit.export import ExportError, write_exports
 
@@ -235,6 +236,8 @@ def test_exports_and_apply_refuse_an_encoder_decoder_audit(tmp_path):
             write_exports(res, [name], tmp_path)
     with pytest.raises(ExportError, match="encoder-decoder model"):
         load_plan(res)
+    with pytest.raises(ExportError, match="encoder-decoder model"):  # a plan from elsewhere: refused by the model
+        apply_plan(model, {"format": "attn-audit-flex", "layers": []})
     assert not any(tmp_path.iterdir())
 
 
