@@ -73,6 +73,8 @@ def audit(
                          "auditing its eager output_attentions probabilities (no Q/K sites, slower)\n")
     for line in info.get("skipped_calls") or []:
         sys.stderr.write(f"note: not audited (run by the model as usual): {line}\n")
+    if config.check_config and info.get("encoder_decoder"):
+        raise ConfigError(f"--check-config: {ENCODER_DECODER_CHECKS}")
     if config.check_config:  # a config that does not fit the model is refused before any work
         from attn_audit.predeploy import read_config
 
@@ -121,6 +123,11 @@ def audit(
     stages.lap("verify")
     stages.record(result.run)
     return result
+
+
+ENCODER_DECODER_CHECKS = ("encoder-decoder model: the pattern configs and the plan describe one stack's "
+                          "self-attention, while this model's sites mix encoder self-, decoder self- and "
+                          "cross-attention; it cannot be applied inside the model")
 
 
 def load_audit(path: str, *, target_len: int | None = None) -> AuditResult:
@@ -175,17 +182,19 @@ def _sequences(dataset: DataSpec | str | Sequence[str] | None, tokenizer: Any, c
 
 
 def _projection_weights(model: Any, info: dict[str, Any], run: dict[str, Any]) -> list[Any] | None:
-    """Per layer (W_Q, W_K) as numpy arrays where the family's projections are known (for the
-    weight-based R bounds); records the extra sites in ``run``."""
+    """Per layer (W_Q, W_K) as numpy arrays where the weight-based R bounds apply; records the
+    extra sites in ``run`` (with QK-norm: the pre-norm, pre-RoPE projections, no weight bound)."""
     from attn_audit.capture import projection_weights
-    from attn_audit.capture.hooks import extras_reason
+    from attn_audit.capture.hooks import extras_reason, weight_bound_reason
 
-    reason = extras_reason(model, info)
-    run["extras"] = {"pre_rope_sites": reason is None, "weight_bounds": reason is None, "reason": reason}
+    reason, bound_reason = extras_reason(model, info), weight_bound_reason(model, info)
+    run["extras"] = {"pre_rope_sites": reason is None, "pre_norm": reason is None and bool(info.get("qk_norm")),
+                     "weight_bounds": bound_reason is None, "reason": bound_reason}
+    if reason is None:
+        run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
     w = projection_weights(model, info)
     if not w:
         return None
-    run["sites"] = ["q", "k", "q_pre_rope", "k_pre_rope", "x"]
     return [(q.float().cpu().numpy(), k.float().cpu().numpy()) for q, k in w]
 
 

@@ -364,7 +364,12 @@ def _finish(ns: argparse.Namespace, result: Any, formats: list[str], checks: lis
     outcome = gate.decide(result, checks)
     result.data["gate"] = outcome.to_dict()
     written: list[Path] = []
-    if exports:
+    if exports and result.model.get("encoder_decoder"):  # known only once the model is loaded: the audit is kept
+        from attn_audit.export.base import ENCODER_DECODER
+
+        result.data["exports"] = {"skipped_reason": ENCODER_DECODER}
+        sys.stderr.write(f"note: --export {','.join(exports)} not written: {ENCODER_DECODER}\n")
+    elif exports:
         written.extend(write_exports(result, exports, out))
     # the reports first, audit.json last: its run block then holds the render time of the others
     t0 = time.perf_counter()

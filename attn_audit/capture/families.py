@@ -328,8 +328,8 @@ def check_type(model_type: str, seed: int = 0) -> TypeResult:
         return TypeResult(model_type, "refused", f"captured probabilities differ from eager by {worst:.2e}{why}",
                           sites, worst, feats)
     if getattr(config, "is_encoder_decoder", False):
-        return TypeResult(model_type, "pass", "capture exact (self- and cross-attention as separate sites); the "
-                          "audit itself refuses encoder-decoder models", sites, worst, feats)
+        return TypeResult(model_type, "pass", "capture exact (encoder self-, decoder self- and cross-attention as "
+                          "separate sites)", sites, worst, feats)
     geo = attention_geometry(config.get_text_config())
     if model_type in NOT_PER_HEAD:
         return TypeResult(model_type, "refused", NOT_PER_HEAD[model_type], sites, worst, feats)

@@ -7,9 +7,12 @@ block's input x after the pre-norm (the B of R_F = c_s·B²·‖W_Q W_Kᵀ‖_F)
 separate ``q_proj`` / ``k_proj`` linears give both: their input is x, their output the pre-RoPE
 projections (batch, pos, head·d_head). They are installed only where that reading is right:
 decoder layers ``model.layers[i].self_attn`` with ``q_proj`` / ``k_proj`` linears of
-heads·head_dim outputs, RoPE, and no QK-norm (a norm between the projection and the rotation
-would make neither the sites nor the weight bound mean what the theory says).
-:func:`extras_reason` says why they are absent elsewhere.
+heads·head_dim outputs and RoPE. With QK-norm (Qwen3, OLMo 2, Gemma 3: ``q_norm`` / ``k_norm``
+after the projection, before the rotation) the projections' outputs are the **pre-norm**,
+pre-RoPE Q/K: the extra sites are kept and labelled so (``run.extras.pre_norm``), while the
+weight-based R bound is absent (the norm sits between W and the kernel, so ‖W_Q W_Kᵀ‖ no longer
+bounds the logits). :func:`extras_reason` says why the sites are absent,
+:func:`weight_bound_reason` why the weight bound is.
 """
 
 from __future__ import annotations
@@ -30,16 +33,31 @@ def decoder_layers(model: Any) -> list[Any]:
     return list(layers) if layers is not None else []
 
 
+QK_NORM_REASON = ("QK-norm between the projections and the kernel: the captured Q/K are post-norm; the extra sites "
+                  "are the pre-norm, pre-RoPE q_proj / k_proj outputs, and there is no weight-based R bound (the "
+                  "norm sits between W and the kernel)")
+
+
+def weight_bound_reason(model: Any, info: dict[str, Any]) -> str | None:
+    """None when the weight-based R bounds (R_F, R_op from W_Q, W_K) apply to ``model``, else why not:
+    they need the pre-RoPE sites (:func:`extras_reason`) and no QK-norm."""
+    reason = extras_reason(model, info)
+    if reason is None and info.get("qk_norm"):
+        return QK_NORM_REASON
+    return reason
+
+
 def extras_reason(model: Any, info: dict[str, Any]) -> str | None:
-    """None when the pre-RoPE sites and weight-based bounds apply to ``model``, else why not."""
+    """None when the pre-RoPE projection sites apply to ``model`` (pre-norm too with QK-norm),
+    else why not."""
     if info.get("capture") == "eager-fallback":
         return "attention computed outside the interface: only its probabilities are read"
+    if info.get("encoder_decoder"):
+        return "encoder-decoder model: the projection hooks read a decoder-only stack (model.layers[i])"
     if not info.get("rope"):
         return "no RoPE: the kernel input is already the projection"
     if info.get("layer_heads"):
         return "the heads or the head size vary between layers: no single projection layout"
-    if info.get("qk_norm"):
-        return "QK-norm between the projections and RoPE: captured Q/K are post-norm"
     layers = decoder_layers(model)
     if len(layers) != info.get("num_layers"):
         return "the attention layers are not model.layers[i] (one per site)"
@@ -56,8 +74,8 @@ def extras_reason(model: Any, info: dict[str, Any]) -> str | None:
 
 
 def projection_weights(model: Any, info: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per layer (W_Q, W_K) as (out, in) weight matrices, or None where the extras do not apply."""
-    if extras_reason(model, info) is not None:
+    """Per layer (W_Q, W_K) as (out, in) weight matrices, or None where the weight bounds do not apply."""
+    if weight_bound_reason(model, info) is not None:
         return None
     return [(layer.self_attn.q_proj.weight.detach(), layer.self_attn.k_proj.weight.detach())
             for layer in decoder_layers(model)]

@@ -13,6 +13,13 @@ from attn_audit.capture import distributed
 from attn_audit.capture.accumulate import AccumulateConfig, Accumulator
 from attn_audit.capture.hooks import projection_hooks
 from attn_audit.capture.interface import AttentionCall, capturing, skipped_calls
+from attn_audit.capture.seq2seq import (
+    CAUSAL_KINDS,
+    decoder_start_id,
+    forward_kwargs,
+    is_encoder_decoder,
+    site_kinds,
+)
 from attn_audit.config import AuditConfig
 from attn_audit.data import TokenData, batches
 from attn_audit.errors import CaptureError, CheckpointError, UnsupportedFamilyError
@@ -88,7 +95,7 @@ def _capture_shard(model: Any, info: dict[str, Any], data: TokenData, lo: int, h
                 for call in fallback_calls(model, info, ids.to(device), mask.to(device)):
                     acc(call)
             else:
-                base(input_ids=ids.to(device), attention_mask=mask.to(device))
+                base(**forward_kwargs(model, ids.to(device), mask.to(device)))
             progress.advance(int(mask.sum()))
             since_save += ids.shape[0]
             finished = start + ids.shape[0]
@@ -132,7 +139,10 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
     ``num_kv_heads`` and ``head_dim`` become the largest over the sites (``heads_per_layer``
     in the report: the records hold only the heads a layer has). Where every site agrees but
     the config's fields say otherwise, the calls' geometry replaces them (the config's is kept
-    as ``config_geometry``).
+    as ``config_geometry``). An encoder-decoder model is probed with a shorter decoder input
+    (teacher-forced, :mod:`attn_audit.capture.seq2seq`): ``info["site_kinds"]`` labels each site
+    encoder-self, decoder-self or cross by its (query, key) lengths and ``info["layer_causal"]``
+    says which sites are causal (decoder self-attention).
 
     Raises:
         UnsupportedFamilyError: no call reaches the interface (attention computed in the model's
@@ -141,20 +151,32 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
     """
     device = next(model.parameters()).device
     seen: list[tuple[int, int, int]] = []
+    lengths: list[tuple[int, int]] = []
     windows: list[int | None] = []
 
     def consumer(call: Any) -> None:
         seen.append((call.query.shape[1], call.key.shape[1], call.query.shape[-1]))
+        lengths.append((call.query.shape[2], call.key.shape[2]))
         w = call.sliding_window
         windows.append(int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None)
 
     ids = torch.arange(1, tokens + 1, device=device).view(1, -1)
+    kwargs = forward_kwargs(model, ids)
+    seq2seq = is_encoder_decoder(model)
+    if seq2seq:  # a shorter decoder input tells the three kinds of site apart by their lengths
+        dec = kwargs["decoder_input_ids"][:, : tokens - 3]
+        kwargs.update(decoder_input_ids=dec, decoder_attention_mask=torch.ones_like(dec))
     with torch.inference_mode(), capturing(model, consumer):
-        getattr(model, "base_model", model)(input_ids=ids, attention_mask=torch.ones_like(ids))
+        getattr(model, "base_model", model)(**kwargs)
     name = info.get("family", "?")
     info["capture"] = "interface"
     if skipped_calls():  # e.g. Inkling 2's attention over depth: run, but not a site
         info["skipped_calls"] = skipped_calls()
+    if seq2seq:
+        if not seen:
+            raise UnsupportedFamilyError(f"model_type '{name}' is an encoder-decoder model that computes attention "
+                                         "outside transformers' attention interface (no fallback; see --list-families)")
+        _label_sites(model, info, lengths, tokens, tokens - 3)
     if not seen:
         try:
             probs = eager_attentions(model, ids, torch.ones_like(ids))
@@ -193,6 +215,18 @@ def probe_sites(model: Any, info: dict[str, Any], tokens: int = 8) -> None:
         # K=V head whatever num_key_value_heads says): the calls are what the audit measures
         info["config_geometry"] = list(want)
         info["num_heads"], info["num_kv_heads"], info["head_dim"] = seen[0]
+
+
+def _label_sites(model: Any, info: dict[str, Any], lengths: list[tuple[int, int]], enc_len: int, dec_len: int) -> None:
+    """Record each site's kind in ``info["site_kinds"]`` and its causality in ``info["layer_causal"]``
+    (an encoder-decoder model, probed with ``enc_len`` encoder and ``dec_len`` decoder tokens)."""
+    try:
+        kinds = site_kinds(lengths, enc_len, dec_len)
+    except ValueError as exc:
+        raise UnsupportedFamilyError(f"model_type '{info.get('family', '?')}': {exc}") from None
+    info["site_kinds"] = kinds
+    info["decoder_start_token_id"] = decoder_start_id(model)
+    info["layer_causal"] = [k["kind"] in CAUSAL_KINDS for k in kinds]
 
 
 def eager_attentions(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

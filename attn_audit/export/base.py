@@ -16,6 +16,11 @@ _ALIASES = {
 }
 
 
+ENCODER_DECODER = ("encoder-decoder model: its sites mix encoder self-, decoder self- and cross-attention "
+                   "(model.site_kinds), while the export formats and apply_plan describe one stack's self-attention "
+                   "layers; no export is written")
+
+
 class ExportError(ConfigError):
     """An export does not match the model (layers, heads, GQA) or a written file is malformed."""
 
@@ -57,6 +62,8 @@ def validate_against_model(
     query heads split evenly over the ranks and KV heads split or replicate evenly. Raises
     :class:`ExportError` naming the first problem.
     """
+    if model_info.get("encoder_decoder") or model_info.get("is_encoder_decoder"):
+        raise ExportError(ENCODER_DECODER)
     if model_info.get("layer_heads"):
         raise ExportError("model config: the number of heads or the head size varies between layers "
                           "(model.layer_heads); the export formats assume one head count per layer")

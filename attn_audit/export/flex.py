@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from attn_audit.export.base import ExportError, validate_against_model
+from attn_audit.export.base import ENCODER_DECODER, ExportError, validate_against_model
 from attn_audit.result import AuditResult
 
 FILENAME = "flex_plan.json"
@@ -56,6 +56,8 @@ def export_flex(result: AuditResult, model_info: Mapping[str, Any] | None = None
     if summary.get("kind") != "kernel":
         raise ExportError("the audit has no heads[].patterns (audited with --patterns none or an "
                           "older version); re-run the audit to export a flex plan")
+    if result.model.get("encoder_decoder"):
+        raise ExportError(ENCODER_DECODER)
     info = model_info or result.model
     shape = validate_against_model(info, result.heads)
     by_head = {(e["layer"], e["head"]): e for e in (result.data.get("plan") or [])[:heads]}

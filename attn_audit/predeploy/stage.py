@@ -24,7 +24,10 @@ def run_checks(model: Any, tokenizer: Any, result: AuditResult, all_data: list[T
     held-out sequences verify the plan; ``pad``: the padding id."""
     from attn_audit.capture.loop import FALLBACK
 
-    if config.verify and info["capture"] == FALLBACK:
+    if config.verify and info.get("encoder_decoder"):
+        result.data["verify"] = {"skipped_reason": "encoder-decoder model: the plan mixes encoder self-, decoder self- "
+                                 "and cross-attention sites, which apply_plan cannot run inside the model"}
+    elif config.verify and info["capture"] == FALLBACK:
         result.data["verify"] = {"skipped_reason": "attention computed outside the interface: the plan cannot be "
                                  "applied inside the model"}
     elif config.verify:

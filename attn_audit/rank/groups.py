@@ -28,7 +28,8 @@ def _aggregate(members: list[_Eval], ctx: _Ctx, layer: int, kv_head: int | None)
     agg.stability = min(m.stability for m in measured)
     agg.window = measured[0].window  # one layer: one window
     agg.head_dim = measured[0].head_dim  # one layer: one head size
-    agg.oracle_saving = flops_saving(ctx.target, agg.k, ctx.causal, agg.window)
+    agg.causal = measured[0].causal  # one layer: one kind of site
+    agg.oracle_saving = flops_saving(ctx.target, agg.k, agg.causal, agg.window)
     kernel = [m.saving for m in measured if m.kernel is not None]
     agg.saving = min(kernel) if kernel else agg.oracle_saving
     flags = {f for m in members for f in m.flags}

@@ -7,10 +7,15 @@ from typing import Any
 
 from attn_audit.rank.flops import attention_flops
 from attn_audit.rank.kernel import BUDGET_KEYS, pattern_flops
-from attn_audit.rank.ranking import rank_heads
+from attn_audit.rank.ranking import copy_site, rank_heads
 from attn_audit.rank.scoring import _Eval, _evaluate_all, _kernel_reason, _oracle_planned, _planned, _reason
 from attn_audit.rank.settings import PlanConfig, _Ctx
 from attn_audit.result import AuditResult
+
+ENCODER_DECODER_NOTE = (
+    "encoder-decoder model: the plan ranks encoder self-, decoder self- and cross-attention sites alike (FLOPs at "
+    "target_len for both the encoder and the decoder sequence; decoder self-attention causal, the others "
+    "bidirectional); apply_plan, --verify and the exports cannot apply it inside the model")
 
 FORMULA = (
     "score = w_saving*saving + w_sparsity*(1 - kfrac) + w_stability*stability "
@@ -53,6 +58,14 @@ def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
     summary["oracle_heads_planned"] = sum(1 for ev in evals if _oracle_planned(ev, ctx))
     if kernel:
         summary.update(_kernel_summary(plan, ctx, total, saving, oracle))
+    by_id = {(h["layer"], h["head"]): h for h in result.heads}
+    for entry in plan:
+        copy_site(by_id[(entry["layer"], entry["head"])], entry)
+    if model.get("encoder_decoder"):  # causality per site (heads[].causal), not the model's
+        summary["note"] = ENCODER_DECODER_NOTE
+        summary["causal"] = "per site"
+        summary["text"] = summary["text"].replace("(bidirectional QK^T", "(decoder self-attention causal, the "
+                                                  "other sites bidirectional; QK^T")
     result.data["plan"] = plan
     result.data["plan_summary"] = summary
 
@@ -60,7 +73,7 @@ def build_plan(result: AuditResult, config: PlanConfig | None = None) -> None:
 def _dense_flops(evals: list[_Eval], ctx: _Ctx, total: int) -> int:
     """Dense attention FLOPs of all heads at the target length (windowed layers see fewer keys)."""
     full = attention_flops(ctx.target, ctx.head_dim, ctx.causal)
-    return sum(attention_flops(ctx.target, ev.head_dim or ctx.head_dim, ctx.causal, ev.window) for ev in evals) + \
+    return sum(attention_flops(ctx.target, ev.head_dim or ctx.head_dim, ev.causal, ev.window) for ev in evals) + \
         full * (total - len(evals))
 
 
@@ -69,13 +82,14 @@ def _dense_tiles_flops(evals: list[_Eval], ctx: _Ctx, total: int) -> int:
     computes them (the denominator of the kernel savings)."""
     block = next(int(ev.kernel["block_size"]) for ev in evals if ev.kernel is not None)
     full = pattern_flops(ctx.target, block, ctx.head_dim, ctx.causal, "dense", 0)
-    return sum(pattern_flops(ctx.target, block, ev.head_dim or ctx.head_dim, ctx.causal, "dense", 0, window=ev.window)
+    return sum(pattern_flops(ctx.target, block, ev.head_dim or ctx.head_dim, ev.causal, "dense", 0, window=ev.window)
                for ev in evals) + full * (total - len(evals))
 
 
 def _costs_differ(evals: list[_Eval]) -> bool:
     """Whether heads differ in dense cost: a windowed layer, or head sizes that vary per layer."""
-    return any(ev.window for ev in evals) or len({ev.head_dim for ev in evals}) > 1
+    return any(ev.window for ev in evals) or len({ev.head_dim for ev in evals}) > 1 or \
+        len({ev.causal for ev in evals}) > 1
 
 
 def _head_weights(evals: list[_Eval], ctx: _Ctx, total: int) -> Callable[[_Eval], float]:
@@ -83,7 +97,7 @@ def _head_weights(evals: list[_Eval], ctx: _Ctx, total: int) -> Callable[[_Eval]
     if not _costs_differ(evals):
         return lambda ev: 1.0 / total if total else 0.0
     dense = _dense_flops(evals, ctx, total)
-    return lambda ev: (attention_flops(ctx.target, ev.head_dim or ctx.head_dim, ctx.causal, ev.window) / dense
+    return lambda ev: (attention_flops(ctx.target, ev.head_dim or ctx.head_dim, ev.causal, ev.window) / dense
                        if dense else 0.0)
 
 
@@ -93,7 +107,7 @@ def _kernel_weights(evals: list[_Eval], ctx: _Ctx, total: int) -> Callable[[_Eva
         return lambda ev: 1.0 / total if total else 0.0
     block = next(int(ev.kernel["block_size"]) for ev in evals if ev.kernel is not None)
     dense = _dense_tiles_flops(evals, ctx, total)
-    return lambda ev: (pattern_flops(ctx.target, block, ev.head_dim or ctx.head_dim, ctx.causal, "dense", 0,
+    return lambda ev: (pattern_flops(ctx.target, block, ev.head_dim or ctx.head_dim, ev.causal, "dense", 0,
                                      window=ev.window) / dense if dense else 0.0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from attn_audit.rank.groups import _group_rows
 from attn_audit.rank.scoring import _evaluate_all, _planned, _reason
 from attn_audit.rank.settings import RISK_FLAGS, PlanConfig
@@ -36,6 +38,18 @@ def rank_heads(result: AuditResult, config: PlanConfig | None = None) -> None:
                 "reason": _reason(ev, ctx),
             }
         )
+    for entry in ranking:  # encoder-decoder: each entry names its kind of site
+        copy_site(by_id[(entry["layer"], entry["head"])], entry)
     result.data["ranking"] = ranking
     result.data["ranking_layers"] = _group_rows(evals, ctx, by_kv=False)
     result.data["ranking_kv_groups"] = _group_rows(evals, ctx, by_kv=True)
+
+
+SITE_FIELDS = ("site_kind", "stack_layer", "causal")
+
+
+def copy_site(rec: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Copy a head record's site fields (encoder-decoder models only) into a ranking or plan entry."""
+    for key in SITE_FIELDS:
+        if key in rec:
+            entry[key] = rec[key]

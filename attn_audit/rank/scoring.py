@@ -41,6 +41,7 @@ class _Eval:
     oracle_saving: float = 0.0  # per-row top-k at budget k: the bound no kernel beats
     kernel: dict[str, Any] | None = None  # kernel_choice(): the cheapest kernel pattern, or None
     window: int | None = None  # the layer's causal sliding window (heads[].sliding_window)
+    causal: bool = True  # the head's rows see only earlier keys (heads[].causal, else the model's)
     head_dim: int | None = None  # the head's d_qk where it varies per layer (heads[].head_dim)
     stability: float = 0.0
     ci_half: float | None = None
@@ -52,6 +53,8 @@ def _evaluate(head: Mapping[str, Any], ctx: _Ctx) -> _Eval:
     ev = _Eval(int(head["layer"]), int(head["head"]), int(head.get("kv_head", 0)), measured=False)
     d = head.get("head_dim")
     ev.head_dim = int(d) if isinstance(d, int) and d > 0 else None
+    causal = head.get("causal")  # per site in an encoder-decoder model (decoder self-attention only)
+    ev.causal = causal if isinstance(causal, bool) else ctx.causal
     block = (head.get("sparsity") or {}).get(ctx.eps_key)
     if not isinstance(block, Mapping) or not int(block.get("rows") or 0):
         ev.flags = ["unmeasured"]
@@ -60,8 +63,8 @@ def _evaluate(head: Mapping[str, Any], ctx: _Ctx) -> _Eval:
     ev.k, ev.k_audit, ev.basis = _budget(head, ctx)
     window = head.get("sliding_window")
     ev.window = int(window) if isinstance(window, int) and window > 0 else None
-    ev.oracle_saving = flops_saving(ctx.target, ev.k, ctx.causal, ev.window)
-    ev.kernel = kernel_choice(head, ctx.eps_key, ctx.target, ev.head_dim or ctx.head_dim, ctx.causal, ctx.sinks)
+    ev.oracle_saving = flops_saving(ctx.target, ev.k, ev.causal, ev.window)
+    ev.kernel = kernel_choice(head, ctx.eps_key, ctx.target, ev.head_dim or ctx.head_dim, ev.causal, ctx.sinks)
     ev.saving = ev.oracle_saving if ev.kernel is None else float(ev.kernel["flops_saving"])
     kfrac = _num(block.get("kfrac_mean"))
     ev.kfrac_measured = min(1.0, max(0.0, kfrac if kfrac is not None else ev.k_audit / ctx.n))

@@ -25,6 +25,8 @@ __all__ = [
     "num",
     "short_reason",
     "site_letters",
+    "site_name",
+    "site_summary",
     "sparsity_at",
 ]
 
@@ -66,9 +68,41 @@ def heads_shape(model: dict[str, Any], query: str = "query heads") -> str:
     return f"{span(0)} {query}, {span(1)} KV heads, head_dim {span(2)} (varies per layer)"
 
 
+SITE_WORDS = {"encoder-self": "encoder self-attention", "decoder-self": "decoder self-attention (causal)",
+              "cross": "cross-attention (decoder queries, encoder keys)"}
+
+
 def head_label(rec: dict[str, Any]) -> str:
-    """``L{layer}.H{head}``, zero-based, as shown everywhere in text."""
-    return f"L{rec['layer']}.H{rec['head']}"
+    """``L{layer}.H{head}``, zero-based, as shown everywhere in text; an encoder-decoder site adds
+    its kind and its layer within its stack, e.g. ``L3.H0 (cross 0)``."""
+    label = f"L{rec['layer']}.H{rec['head']}"
+    kind = rec.get("site_kind")
+    return f"{label} ({kind} {rec.get('stack_layer', '?')})" if isinstance(kind, str) else label
+
+
+PROJECTION_SITES = ("q_pre_rope", "k_pre_rope")
+
+
+def site_name(site: str, run: dict[str, Any]) -> str:
+    """A Gaussianity site's name with what it is: the projection sites are the q_proj / k_proj
+    outputs, pre-RoPE, and pre-norm where QK-norm follows them (``run.extras.pre_norm``)."""
+    if site not in PROJECTION_SITES:
+        return site
+    pre_norm = bool((run.get("extras") or {}).get("pre_norm"))
+    return f"{site} ({'pre-norm, pre-RoPE' if pre_norm else 'pre-RoPE'} projections)"
+
+
+def site_summary(model: dict[str, Any]) -> str | None:
+    """Which sites (L indices) are which kind in an encoder-decoder model, one line; None otherwise."""
+    kinds = model.get("site_kinds")
+    if not isinstance(kinds, list) or not kinds:
+        return None
+    parts = []
+    for kind, words in SITE_WORDS.items():
+        sites = [str(k.get("site")) for k in kinds if isinstance(k, dict) and k.get("kind") == kind]
+        if sites:
+            parts.append(f"{words}: L{', L'.join(sites)}")
+    return "encoder-decoder sites: " + "; ".join(parts)
 
 
 def num(value: Any) -> float | None:

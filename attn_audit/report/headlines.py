@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from attn_audit.report.formatting import fmt_num, fmt_pct, head_label, head_letter, num
+from attn_audit.report.formatting import fmt_num, fmt_pct, head_label, head_letter, num, site_name
 
 if TYPE_CHECKING:
     from attn_audit.result import AuditResult
@@ -91,6 +91,8 @@ def quality_text(result: AuditResult) -> str:
     verify = result.data.get("verify")
     if not isinstance(verify, dict):
         return NOT_RUN
+    if isinstance(verify.get("skipped_reason"), str):  # asked for, but it cannot apply to this model
+        return f"not run ({verify['skipped_reason']})"
     kernel = verify.get("kernel")
     if isinstance(kernel, dict):
         return f"kernel plan {_quality_parts(kernel)}; oracle top-k bound {_quality_parts(verify)}"
@@ -240,7 +242,7 @@ def theory_lines(result: AuditResult) -> list[str]:
         parts = ", ".join(
             f"{n} {v}" for v, n in sorted(counts[site].items(), key=lambda kv: -kv[1])
         )
-        lines.append(f"Gaussianity of {site}: {parts} (head records)")
+        lines.append(f"Gaussianity of {site_name(site, result.run)}: {parts} (head records)")
     for name, label in (
         ("spearman_logit_range_kfrac", "empirical logit range R_emp"),
         ("spearman_R_F_kfrac", "R_F from the weights"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from attn_audit.report.formatting import fmt_num, heads_shape
+from attn_audit.report.formatting import fmt_num, heads_shape, site_name, site_summary
 from attn_audit.report.headlines import (
     NOT_RUN,
     gate_counts,
@@ -98,10 +98,12 @@ def _summary_facts(page: Page) -> list[tuple[str, str]]:
             "shape",
             f"{model.get('num_layers')} layers x {heads_shape(model)}"
             f"{'' if model.get('layer_heads') else ', head_dim ' + str(model.get('head_dim'))}, "
-            f"{model.get('dtype')}, {'causal' if model.get('causal') else 'bidirectional'}"
+            f"{model.get('dtype')}, "
+            f"{'encoder-decoder' if model.get('encoder_decoder') else 'causal' if model.get('causal') else 'bidirectional'}"
             f", {'RoPE' if model.get('rope') else 'no RoPE'}",
         ),
         ("data", f"{dataset.get('spec')}: {run.get('num_sequences')} sequences x {lens} tokens"),
+        *([("sites", f"{site_summary(model)}; {run.get('inputs')}")] if site_summary(model) else []),
         (
             "run",
             f"eps {', '.join(run.get('eps_keys') or [])} (primary {page.eps}); rows "
@@ -197,7 +199,7 @@ def _capture_facts(result: AuditResult) -> list[tuple[str, str]]:
     """How the audit ran: sites captured, rows measured, settings, timing, what did not run."""
     model, run = result.model, result.run
     sites = ", ".join(str(s) for s in run.get("sites") or []) or "none"
-    tested = sorted({str(s) for h in result.heads for s in (h.get("gaussianity") or {})})
+    tested = [site_name(s, run) for s in sorted({str(s) for h in result.heads for s in (h.get("gaussianity") or {})})]
     rows = run.get("rows")
     rows_text = (
         "all query rows"

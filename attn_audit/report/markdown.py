@@ -22,6 +22,7 @@ from attn_audit.report.formatting import (
     heads_shape,
     printable,
     short_reason,
+    site_summary,
     sparsity_at,
 )
 from attn_audit.report.headlines import (
@@ -101,6 +102,7 @@ def _model_line(result: AuditResult) -> str:
         f"{md_code(model.get('dtype', '?'))}; data {md_code(dataset.get('spec', '?'))}: "
         f"{run.get('num_sequences', '?')} sequences x {lens} tokens; "
         f"eps {', '.join(run.get('eps_keys') or [])}."
+        + (f" {site_summary(model)}; decoder input teacher-forced (`run.inputs`)." if site_summary(model) else "")
     )
 
 

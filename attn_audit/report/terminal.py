@@ -32,6 +32,7 @@ from attn_audit.report.formatting import (
     num,
     printable,
     short_reason,
+    site_summary,
     sparsity_at,
 )
 from attn_audit.report.headlines import (
@@ -94,6 +95,8 @@ def _header(result: AuditResult) -> Text:
         f"{heads_shape(model, 'heads')})\n"
     )
     lens = ",".join(str(n) for n in run.get("seq_lens") or [run.get("seq_len")])
+    if site_summary(model):
+        text.append(f"{site_summary(model)}; decoder input teacher-forced\n")
     text.append(
         f"data {dataset.get('spec', '?')}: {run.get('num_sequences', '?')} x {lens} tokens; "
         f"eps {', '.join(run.get('eps_keys') or [])}; rows {run.get('rows', '?')}\n"
