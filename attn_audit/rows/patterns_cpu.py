@@ -75,9 +75,14 @@ def _top_sums(p, pbits, ln, block, nb, curve, idx, cnt, off, buf):  # type: igno
         end = off[b]
         start = end - cnt[b]
         if m < end and pos <= start:  # the target cuts this bucket: order it (once), descending
-            seg = buf[start:end]
-            seg.sort()
-            seg[:] = seg[::-1].copy()
+            buf[start:end].sort()
+            lo, hi = start, end - 1
+            while lo < hi:  # reverse in place (no allocation in the row loop)
+                t = buf[lo]
+                buf[lo] = buf[hi]
+                buf[hi] = t
+                lo += 1
+                hi -= 1
         while pos < m:
             acc += buf[pos]
             pos += 1
@@ -100,7 +105,7 @@ def _pattern_rows(x, q_pos, per_head, row0, row1, mask_after, block, nb, sinks, 
     n_eps = thr.shape[0]
     nqb = order.shape[1]
     n_vs = col_level.shape[1]
-    p = np.zeros(npad)
+    p = np.zeros(npad)  # the row's probabilities, valid up to its ln
     srt = np.empty(npad)
     bm = np.empty(nb)
     bsrt = np.empty(nb)
@@ -132,13 +137,17 @@ def _pattern_rows(x, q_pos, per_head, row0, row1, mask_after, block, nb, sinks, 
                 p[j] = p[j] / z
         else:  # no allowed key: the softmax is NaN, taken as 0 (torch's nan_to_num)
             ln = 0
-        for j in range(ln, npad):
+        # p is read up to ln only (stale values lie beyond); blocks past the row's keys hold 0
+        nbl = (ln + block - 1) // block
+        for j in range(ln, nbl * block):
             p[j] = 0.0
-        for b in range(nb):
+        for b in range(nbl):
             s = 0.0
             for j in range(b * block, (b + 1) * block):
                 s += p[j]
             bm[b] = s
+        for b in range(nbl, nb):
+            bm[b] = 0.0
         qb = q // block
         for slot in range(5):
             if not want[slot]:
@@ -179,7 +188,7 @@ def _pattern_rows(x, q_pos, per_head, row0, row1, mask_after, block, nb, sinks, 
             else:  # vertical-slash: the top b*block columns and diagonals
                 for w in range(nb + 1):
                     by_w[w] = 0.0
-                for j in range(min(n_vs, npad)):
+                for j in range(min(n_vs, ln)):  # keys from ln on carry no mass
                     off = min(max(q - j, 0), n_vs - 1)
                     by_w[min(col_level[g, j], diag_level[g, off], nb)] += p[j]
                 acc = 0.0
