@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from attn_audit.rows.cpu_stages import (
     _stream,
 )
 
-__all__ = ["rows_kernel", "FLT_NAMES"]
+__all__ = ["rows_kernel", "split_rows", "FLT_NAMES"]
 
 _MARGIN_ULPS = 8.0
 _U64 = 2.0**-53
@@ -313,6 +314,26 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOL
 
 
+def split_rows(kernel: Callable[[int, int], None], rows: int, threads: int) -> None:
+    """Run ``kernel(row0, row1)`` over rows [0, rows) on up to ``threads`` threads (nogil
+    kernels): chunks handed out on demand (rows differ in length), the calling thread works too."""
+    threads = max(1, min(threads, rows // 64 or 1))
+    if threads == 1 or rows == 0:
+        kernel(0, rows)
+        return
+    step = max(32, -(-rows // (4 * threads)))
+    starts = iter(range(0, rows, step))  # next() on it is atomic under the GIL
+
+    def work() -> None:
+        for a in starts:
+            kernel(a, min(rows, a + step))
+
+    futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
+    work()
+    for f in futures:
+        f.result()
+
+
 def rows_kernel(
     x: np.ndarray,
     q_pos: np.ndarray,
@@ -359,22 +380,7 @@ def rows_kernel(
     w_out = weights_out if write_w else np.empty((1, 1), np.float32)
     rest = (eps_a, bud_a, int(sinks), int(window), nb, dcap, ints, k_all, k_ns, tail, flt, redo,
             write_w, w_out, mass, bool(causal))
-    threads = max(1, min(threads, rows // 64 or 1))
-    if threads == 1 or rows == 0:
-        _rows(*args, 0, rows, *rest)
-    else:
-        # chunks handed out on demand (rows differ in length), the calling thread works too
-        step = max(32, -(-rows // (4 * threads)))
-        starts = iter(range(0, rows, step))  # next() on it is atomic under the GIL
-
-        def work() -> None:
-            for a in starts:
-                _rows(*args, a, min(rows, a + step), *rest)
-
-        futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
-        work()
-        for f in futures:
-            f.result()
+    split_rows(lambda a, b: _rows(*args, a, b, *rest), rows, threads)
     out = {"n_keys": ints[:, 0], "n_bulk": ints[:, 1], "k_eps": k_all, "k_eps_sinks": k_ns,
            "tail_mass": tail, "redo": redo, "mass": mass}
     for j, name in enumerate(FLT_NAMES):

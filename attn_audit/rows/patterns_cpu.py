@@ -23,12 +23,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from attn_audit.rows.cpu import _pool
+from attn_audit.rows.cpu import split_rows
 from attn_audit.rows.cpu_stages import _exp_neg
+from attn_audit.rows.patterns import PATTERNS
 
 __all__ = ["PATTERN_SLOTS", "pattern_kernel"]
 
-PATTERN_SLOTS = ("row-topk", "block-oracle", "block-topk", "streaming", "vertical-slash")
+PATTERN_SLOTS = PATTERNS
 """The patterns in the order of the kernel's ``want`` flags and output slots."""
 
 
@@ -232,21 +233,7 @@ def pattern_kernel(x: np.ndarray, q_pos: np.ndarray, per_head: int, eps: tuple[f
     args = (x, np.ascontiguousarray(q_pos, dtype=np.int64), per_head)
     rest = (bool(mask_after), int(block), int(nb), int(sinks), bool(causal), want, order_a, cr, dr, thr,
             kept, need)
-    threads = max(1, min(threads, rows // 64 or 1))
-    if threads == 1 or rows == 0:
-        _pattern_rows(*args, 0, rows, *rest)
-    else:
-        step = max(32, -(-rows // (4 * threads)))
-        starts = iter(range(0, rows, step))  # next() on it is atomic under the GIL
-
-        def work() -> None:
-            for a in starts:
-                _pattern_rows(*args, a, min(rows, a + step), *rest)
-
-        futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
-        work()
-        for f in futures:
-            f.result()
+    split_rows(lambda a, b: _pattern_rows(*args, a, b, *rest), rows, threads)
     names = [name for s, name in enumerate(PATTERN_SLOTS) if want[s]]
     return ({nm: kept[PATTERN_SLOTS.index(nm)] for nm in names},
             {nm: need[PATTERN_SLOTS.index(nm)] for nm in names})
